@@ -1,0 +1,77 @@
+"""The cluster from the controller: a real prediction over HTTP, and every worker host consuming.
+
+Runs twice: after converge (one worker host) and after side_effect added the spare host to the
+workers group. The second time, the spare host must answer requests on its own.
+"""
+
+import os
+import time
+
+import pytest
+import requests
+import testinfra.utils.ansible_runner
+
+INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
+runner = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
+ROW = [6, 148, 72, 35, 0, 33.6, 0.627, 50]
+
+
+def _host(name):
+    return runner.get_host(name)
+
+
+@pytest.fixture(scope="module")
+def url():
+    addr = _host("cl-frontend").interface("eth0").addresses[0]
+    return f"http://{addr}:8080"
+
+
+def _worker_hosts():
+    names = ["cl-worker1", "cl-spare"]
+    return [n for n in names if _host(n).service("modelserve-worker@1").is_running]
+
+
+def _predict(url):
+    return requests.post(f"{url}/api/v1/predict", json={"rows": [ROW]}, timeout=15)
+
+
+def test_prediction_over_http_from_the_controller(url):
+    r = _predict(url)
+    assert r.status_code == 200, r.text
+    pred = r.json()["predictions"][0]
+    assert 0.0 <= pred["probability"] <= 1.0
+
+
+def test_broker_refuses_guest_and_listens_on_the_cluster_network():
+    broker = _host("cl-broker")
+    users = broker.check_output("rabbitmqctl -q list_users")
+    assert "guest" not in users and "modelserve" in users
+
+
+def test_every_worker_host_consumes_on_its_own(url):
+    workers = _worker_hosts()
+    assert workers, "no worker host runs modelserve-worker@1"
+    for alone in workers:
+        others = [w for w in workers if w != alone]
+        for o in others:
+            _host(o).run("systemctl stop 'modelserve-worker@*'")
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                r = _predict(url)
+                if r.status_code == 200 or time.monotonic() > deadline:
+                    break
+                time.sleep(1)
+            assert r.status_code == 200, f"{alone} alone did not answer: {r.status_code} {r.text}"
+        finally:
+            for o in others:
+                _host(o).run("systemctl start modelserve-worker@1")
+
+
+def test_spare_host_joined_after_side_effect():
+    spare = _host("cl-spare")
+    if not spare.file("/etc/systemd/system/modelserve-worker@.service").exists:
+        pytest.skip("before side_effect: the spare host is not a worker yet")
+    assert spare.service("modelserve-worker@1").is_running
+    env = spare.file("/etc/modelserve/modelserve.env").content_string
+    assert "@cl-broker:" in env or "cl-broker" in env

@@ -1,0 +1,72 @@
+"""The served app, from outside the host: predictions, readiness, bad input, worker restarts."""
+
+import json
+import time
+
+import pytest
+import requests
+
+PORT = 8080
+ROW = [6, 148, 72, 35, 0, 33.6, 0.627, 50]
+
+
+@pytest.fixture(scope="module")
+def base_url(host):
+    addr = host.interface("eth0").addresses[0]
+    return f"http://{addr}:{PORT}"
+
+
+def _predict(base_url, rows, timeout=10):
+    return requests.post(f"{base_url}/api/v1/predict", json={"rows": rows}, timeout=timeout)
+
+
+def test_services_run_as_the_app_user(host):
+    assert host.service("modelserve-web").is_running
+    for i in (1, 2):
+        assert host.service(f"modelserve-worker@{i}").is_running
+    users = {p.user for p in host.process.filter(comm="gunicorn")} | {
+        p.user for p in host.process.filter(args="modelserve-worker")
+    }
+    assert users == {"modelserve"}
+
+
+def test_environment_file_holds_the_secret_privately(host):
+    env = host.file("/etc/modelserve/modelserve.env")
+    assert env.mode == 0o640 and env.user == "root" and env.group == "modelserve"
+    assert "amqp://modelserve:" in env.content_string
+    assert "guest" not in env.content_string
+
+
+def test_current_points_at_the_seed_release(host):
+    current = host.file("/srv/modelserve/current")
+    assert current.is_symlink
+    meta = json.loads(host.file("/srv/modelserve/current/metadata.json").content_string)
+    assert current.linked_to.endswith(f"releases/{meta['version']}")
+
+
+def test_ready_and_predicts_from_the_controller(base_url, host):
+    assert requests.get(f"{base_url}/readyz", timeout=10).status_code == 200
+    r = _predict(base_url, [ROW, [1, 85, 66, 29, 0, 26.6, 0.351, 31]])
+    assert r.status_code == 200, r.text
+    body = r.json()
+    meta = json.loads(host.file("/srv/modelserve/current/metadata.json").content_string)
+    assert body["model_version"] == meta["version"]
+    assert len(body["predictions"]) == 2
+    for p in body["predictions"]:
+        assert 0.0 <= p["probability"] <= 1.0 and p["label"] in (0, 1)
+
+
+def test_bad_input_is_a_4xx_naming_the_field(base_url):
+    r = _predict(base_url, [[1, 2, 3]])
+    assert 400 <= r.status_code < 500
+    assert "rows[0]" in r.json()["field"]
+
+
+def test_serves_while_one_worker_process_restarts(base_url, host):
+    host.run("systemctl restart modelserve-worker@1")
+    deadline = time.monotonic() + 20
+    ok = 0
+    while time.monotonic() < deadline and ok < 20:
+        assert _predict(base_url, [ROW]).status_code == 200
+        ok += 1
+    assert ok == 20

@@ -1,0 +1,40 @@
+"""Every role's public interface: argument_specs match defaults, names carry the role prefix."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+ROLES = sorted(p.name for p in (ROOT / "roles").iterdir() if (p / "tasks" / "main.yml").exists())
+
+
+def _load(path: Path):
+    return yaml.safe_load(path.read_text()) if path.exists() else None
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_argument_specs_match_defaults(role):
+    defaults = _load(ROOT / "roles" / role / "defaults" / "main.yml") or {}
+    specs = _load(ROOT / "roles" / role / "meta" / "argument_specs.yml")
+    assert specs, f"roles/{role}/meta/argument_specs.yml missing"
+    options = specs["argument_specs"]["main"]["options"]
+    assert set(defaults) <= set(options), f"undocumented defaults: {sorted(set(defaults) - set(options))}"
+    for name, spec in options.items():
+        assert spec.get("description"), f"{role}: {name} has no description"
+        if name in defaults and "default" in spec:
+            assert spec["default"] == defaults[name], f"{role}: {name} default differs from defaults/"
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_public_variables_are_prefixed(role):
+    defaults = _load(ROOT / "roles" / role / "defaults" / "main.yml") or {}
+    bad = [k for k in defaults if not k.startswith(f"{role}_")]
+    assert not bad, f"roles/{role}/defaults: not prefixed with {role}_: {bad}"
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_role_has_preflight_readme_and_scenario(role):
+    assert (ROOT / "roles" / role / "tasks" / "preflight.yml").exists()
+    assert (ROOT / "roles" / role / "README.md").exists()
+    assert (ROOT / "molecule" / role / "molecule.yml").exists()
