@@ -63,6 +63,7 @@ def test_every_worker_host_consumes_on_its_own(url):
                     break
                 time.sleep(1)
             assert r.status_code == 200, f"{alone} alone did not answer: {r.status_code} {r.text}"
+            assert alone in r.headers.get("X-Modelserve-Worker", ""), r.headers
         finally:
             for o in others:
                 _host(o).run("systemctl start modelserve-worker@1")

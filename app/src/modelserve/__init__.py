@@ -1,0 +1,3 @@
+"""modelserve: serve the Pima diabetes classifier (Flask/gunicorn web, Celery/RabbitMQ workers)."""
+
+__version__ = "1.0.0"

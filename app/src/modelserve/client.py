@@ -1,0 +1,353 @@
+"""The web tier's path to the workers: a micro-batcher over RabbitMQ (kombu, no Celery client).
+
+One :class:`TaskClient` per web process, started lazily (so it is created after gunicorn forks):
+
+* request threads call :meth:`TaskClient.predict` with validated rows and block on an event;
+* the *batcher* thread owns the publishing connection. It takes the first waiting request, waits
+  for a free in-flight slot (at most ``MODELSERVE_BATCH_MAX_INFLIGHT`` tasks per process — while
+  it waits, concurrent requests pile up), then sends everything queued (up to
+  ``MODELSERVE_BATCH_MAX_ROWS`` rows) as ONE ``modelserve.predict`` task;
+* the *reply* thread owns a second connection consuming a private exclusive reply queue; the
+  worker's rpc result backend answers there with ``correlation_id`` = task id, and the reply
+  thread fans the probabilities back out to the waiting requests.
+
+Every wait is bounded: no answer within ``MODELSERVE_TASK_TIMEOUT`` (or no broker) raises
+:class:`ServiceUnavailable`, which the web turns into a 503. Messages carry the same TTL, so a
+task nobody consumed in time is dropped by RabbitMQ instead of piling up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from typing import Any
+
+from kombu import Connection, Consumer, Producer, Queue
+
+from modelserve.config import Settings
+from modelserve.metrics import Metrics
+from modelserve.protocol import (
+    TASK_PREDICT,
+    pack_rows,
+    task_exchange,
+    task_message,
+    task_queue,
+    unpack_floats,
+)
+
+log = logging.getLogger(__name__)
+
+FINAL_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
+
+
+class ServiceUnavailable(Exception):
+    def __init__(self, reason: str, kind: str = "unavailable") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.kind = kind
+
+
+class _Call:
+    __slots__ = ("args", "error", "event", "result", "rows", "task")
+
+    def __init__(self, task: str, rows: list | None = None, args: list | None = None) -> None:
+        self.task = task
+        self.rows = rows
+        self.args = args
+        self.event = threading.Event()
+        self.result: Any = None
+        self.error: ServiceUnavailable | None = None
+
+    def fail(self, error: ServiceUnavailable) -> None:
+        self.error = error
+        self.event.set()
+
+
+class _Pending:
+    __slots__ = ("calls", "deadline", "sent", "slot", "task")
+
+    def __init__(self, task: str, calls: list[_Call], slot: bool, timeout: float) -> None:
+        self.task = task
+        self.calls = calls
+        self.slot = slot
+        self.sent = time.monotonic()
+        self.deadline = self.sent + timeout
+
+
+class TaskClient:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.max_inflight = settings.batch_max_inflight
+        self._pid = -1
+        self._start_lock = threading.Lock()
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def _ensure_started(self) -> None:
+        if self._pid == os.getpid():
+            return
+        with self._start_lock:
+            if self._pid == os.getpid():
+                return
+            self._queue: queue.SimpleQueue[_Call] = queue.SimpleQueue()
+            self._pending: dict[str, _Pending] = {}
+            self._lock = threading.Lock()
+            self._slots = threading.Semaphore(self.max_inflight)
+            self._reply_to: str | None = None
+            self._reply_ready = threading.Event()
+            self._pub: Connection | None = None
+            self._producer: Producer | None = None
+            self._last_failure = 0.0
+            self._last_error = ""
+            self._stop = threading.Event()
+            self._pid = os.getpid()
+            threading.Thread(target=self._reply_loop, name="modelserve-replies", daemon=True).start()
+            threading.Thread(target=self._batch_loop, name="modelserve-batcher", daemon=True).start()
+
+    def close(self) -> None:
+        if self._pid != os.getpid():
+            return
+        self._stop.set()
+        self._queue.put(None)  # type: ignore[arg-type]
+
+    # --- API for request threads --------------------------------------------------------------
+
+    def predict(self, rows: list[list[float]], timeout: float | None = None) -> dict[str, Any]:
+        """Probabilities for validated rows; raises ServiceUnavailable (never hangs)."""
+        return self._submit(_Call(TASK_PREDICT, rows=rows), timeout)
+
+    def call(self, task: str, args: list[Any], timeout: float | None = None) -> Any:
+        """One task, not batched (model info, the naive mode)."""
+        return self._submit(_Call(task, args=args), timeout)
+
+    def _submit(self, call: _Call, timeout: float | None) -> Any:
+        self._ensure_started()
+        timeout = self.settings.task_timeout if timeout is None else timeout
+        self._queue.put(call)
+        if not call.event.wait(timeout):
+            raise ServiceUnavailable(f"no worker answered within {timeout:g} s", "timeout")
+        if call.error is not None:
+            raise call.error
+        return call.result
+
+    def broker_reachable(self) -> tuple[bool, str]:
+        self._ensure_started()
+        if self._reply_ready.is_set():
+            return True, ""
+        return False, self._last_error or "not connected to the broker yet"
+
+    # --- batcher thread: publishing -----------------------------------------------------------
+
+    def _batch_loop(self) -> None:
+        carry: deque[_Call] = deque()
+        max_rows = self.settings.batch_max_rows
+        wait = self.settings.batch_wait_ms / 1000.0
+        while not self._stop.is_set():
+            first = carry.popleft() if carry else self._queue.get()
+            if first is None:
+                return
+            if first.task != TASK_PREDICT:
+                self._send(first.task, first.args or [], [first], slot=False)
+                continue
+            # Nagle-style: while all in-flight slots are busy, more requests queue up behind us.
+            slot = self._slots.acquire(timeout=self.settings.task_timeout)
+            batch, rows = [first], len(first.rows or [])
+            deadline = time.monotonic() + wait
+            while rows < max_rows:
+                try:
+                    remaining = deadline - time.monotonic()
+                    nxt = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._stop.set()
+                    break
+                if nxt.task != TASK_PREDICT or rows + len(nxt.rows or []) > max_rows:
+                    carry.append(nxt)
+                    if nxt.task == TASK_PREDICT:
+                        break
+                    continue
+                batch.append(nxt)
+                rows += len(nxt.rows or [])
+            self._send(
+                TASK_PREDICT,
+                [pack_rows([r for call in batch for r in call.rows])],
+                batch,
+                slot=slot,
+                rows=rows,
+            )
+
+    def _connect_publisher(self) -> Producer:
+        if self._producer is not None:
+            return self._producer
+        if time.monotonic() - self._last_failure < 1.0:
+            raise ServiceUnavailable(f"broker unreachable: {self._last_error}", "broker")
+        if not self._reply_ready.wait(self.settings.broker_connect_timeout):
+            raise ServiceUnavailable(f"broker unreachable: {self._last_error or 'no reply queue'}", "broker")
+        conn = Connection(
+            self.settings.broker_url, connect_timeout=self.settings.broker_connect_timeout, heartbeat=0
+        )
+        try:
+            conn.connect()
+            channel = conn.channel()
+            task_queue(self.settings.task_queue)(channel).declare()
+            self._producer = Producer(
+                channel, exchange=task_exchange(self.settings.task_queue), serializer="json"
+            )
+        except Exception as exc:
+            self._publisher_failed(conn, exc)
+            raise ServiceUnavailable(f"broker unreachable: {self._last_error}", "broker") from None
+        self._pub = conn
+        return self._producer
+
+    def _publisher_failed(self, conn: Connection | None, exc: Exception) -> None:
+        self._last_failure = time.monotonic()
+        self._last_error = f"{type(exc).__name__}: {exc}"
+        log.warning("publishing to the broker failed: %s", self._last_error)
+        self._producer = None
+        self._pub = None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.release()
+
+    def _send(self, task: str, args: list[Any], calls: list[_Call], slot: bool, rows: int = 0) -> None:
+        try:
+            producer = self._connect_publisher()
+        except ServiceUnavailable as exc:
+            if slot:
+                self._slots.release()
+            for call in calls:
+                call.fail(exc)
+            return
+        reply_to = self._reply_to or ""
+        timeout = self.settings.task_timeout
+        task_id, headers, properties, body = task_message(task, args, reply_to=reply_to)
+        with self._lock:
+            self._pending[task_id] = _Pending(task, calls, slot, timeout)
+        try:
+            producer.publish(
+                body,
+                routing_key=self.settings.task_queue,
+                headers=headers,
+                delivery_mode=1,
+                expiration=timeout,
+                retry=False,
+                **properties,
+            )
+        except Exception as exc:
+            self._publisher_failed(self._pub, exc)
+            self._finish(task_id, ServiceUnavailable(f"broker unreachable: {self._last_error}", "broker"))
+            return
+        if task == TASK_PREDICT:
+            self.metrics.batch_rows.observe(rows, task)
+
+    # --- reply thread --------------------------------------------------------------------------
+
+    def _reply_loop(self) -> None:
+        backoff = 0.2
+        while not self._stop.is_set():
+            conn = Connection(
+                self.settings.broker_url, connect_timeout=self.settings.broker_connect_timeout, heartbeat=0
+            )
+            try:
+                conn.connect()
+                name = f"modelserve.reply.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+                reply_queue = Queue(name, exclusive=True, auto_delete=True, durable=False)
+                consumer = Consumer(
+                    conn.channel(), queues=[reply_queue], no_ack=True, on_message=self._on_reply
+                )
+                consumer.consume()
+                self._reply_to = name
+                self._reply_ready.set()
+                backoff = 0.2
+                while not self._stop.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        conn.drain_events(timeout=0.25)
+                    self._sweep()
+            except Exception as exc:
+                self._reply_ready.clear()
+                self._last_error = f"{type(exc).__name__}: {exc}"
+                self._last_failure = time.monotonic()
+                log.warning("reply consumer lost the broker: %s", self._last_error)
+                self._fail_all(ServiceUnavailable(f"lost the broker: {self._last_error}", "broker"))
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 2.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    conn.release()
+
+    def _on_reply(self, message) -> None:
+        try:
+            body = json.loads(message.body)
+        except (TypeError, ValueError):
+            return
+        if not isinstance(body, dict) or body.get("status") not in FINAL_STATES:
+            return  # RETRY/STARTED notifications: the final answer comes later
+        task_id = message.properties.get("correlation_id") or body.get("task_id")
+        if body["status"] == "SUCCESS":
+            self._finish(task_id, body.get("result"))
+        else:
+            result = body.get("result") or {}
+            detail = result.get("exc_message") if isinstance(result, dict) else result
+            self._finish(task_id, ServiceUnavailable(f"worker failed: {detail}", "worker"))
+
+    def _finish(self, task_id: str, outcome: Any) -> None:
+        with self._lock:
+            pending = self._pending.pop(task_id, None)
+        if pending is None:
+            return  # duplicate (redelivered) or already timed out
+        if pending.slot:
+            self._slots.release()
+        if isinstance(outcome, ServiceUnavailable):
+            for call in pending.calls:
+                call.fail(outcome)
+            return
+        self.metrics.roundtrip.observe(time.monotonic() - pending.sent, pending.task)
+        if pending.task != TASK_PREDICT:
+            pending.calls[0].result = outcome
+            pending.calls[0].event.set()
+            return
+        try:
+            version = outcome["model_version"]
+            if "p32" in outcome:
+                probs = unpack_floats(outcome["p32"])
+                threshold = float(outcome.get("threshold", 0.5))
+                labels = [int(p >= threshold) for p in probs]
+            else:
+                probs, labels = outcome["probabilities"], outcome["labels"]
+            start = 0
+            for call in pending.calls:
+                n = len(call.rows or [])
+                call.result = {
+                    "worker": outcome.get("worker"),
+                    "model_version": version,
+                    "probabilities": probs[start : start + n],
+                    "labels": labels[start : start + n],
+                }
+                start += n
+                call.event.set()
+        except (KeyError, TypeError, ValueError) as exc:
+            for call in pending.calls:
+                call.fail(ServiceUnavailable(f"malformed worker answer: {exc}", "worker"))
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            expired = [tid for tid, p in self._pending.items() if p.deadline + 1.0 < now]
+        for tid in expired:
+            self._finish(tid, ServiceUnavailable("no worker answered in time", "timeout"))
+
+    def _fail_all(self, error: ServiceUnavailable) -> None:
+        with self._lock:
+            ids = list(self._pending)
+        for tid in ids:
+            self._finish(tid, error)

@@ -1,0 +1,179 @@
+"""Settings from the environment, optionally also from a KEY=VALUE file named by MODELSERVE_CONFIG.
+
+The environment wins over the file, so a systemd unit can override one value of a shared file.
+No credential has a default: without MODELSERVE_BROKER_URL the web and the workers refuse to start.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed."""
+
+
+def parse_env_file(text: str, source: str = "<config>") -> dict[str, str]:
+    """Parse env-file syntax: ``KEY=VALUE`` lines, ``#`` comments, optional ``export``, quotes."""
+    values: dict[str, str] = {}
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export ") :].lstrip()
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not key or not key.replace("_", "").isalnum() or key[0].isdigit():
+            raise ConfigError(f"{source}:{lineno}: expected KEY=VALUE, got {raw!r}")
+        value = value.strip()
+        if value[:1] in ("'", '"'):
+            try:
+                parts = shlex.split(value, comments=False, posix=True)
+            except ValueError as exc:
+                raise ConfigError(f"{source}:{lineno}: {exc}") from exc
+            value = parts[0] if parts else ""
+        elif " #" in value:
+            value = value.split(" #", 1)[0].rstrip()
+        values[key] = value
+    return values
+
+
+def _int(values: Mapping[str, str], key: str, default: int, minimum: int = 1) -> int:
+    raw = values.get(key, "")
+    if raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{key} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{key} must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(values: Mapping[str, str], key: str, default: float, minimum: float = 0.0) -> float:
+    raw = values.get(key, "")
+    if raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{key} must be a number, got {raw!r}") from None
+    if not value >= minimum or value == float("inf"):
+        raise ConfigError(f"{key} must be a finite number >= {minimum}, got {raw!r}")
+    return value
+
+
+def _bool(values: Mapping[str, str], key: str, default: bool) -> bool:
+    raw = values.get(key, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{key} must be a boolean (1/0, true/false), got {raw!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    broker_url: str
+    model_dir: Path
+    bind: str
+    web_workers: int
+    web_threads: int
+    worker_concurrency: int
+    worker_pool: str
+    max_batch_rows: int
+    batch_max_rows: int
+    batch_wait_ms: float
+    batch_max_inflight: int
+    task_timeout: float
+    broker_connect_timeout: float
+    ready_timeout: float
+    ready_cache_seconds: float
+    model_check_interval: float
+    task_queue: str
+    task_max_retries: int
+    task_time_limit: float
+    worker_prefetch: int
+    naive: bool
+    access_log: bool
+
+    def describe(self) -> dict[str, object]:
+        """Settings safe to log: the broker password is masked."""
+        out: dict[str, object] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "broker_url":
+                value = mask_url(value)
+            out[f.name] = str(value) if isinstance(value, Path) else value
+        return out
+
+
+def mask_url(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
+
+
+def load_settings(environ: Mapping[str, str] | None = None, *, require_broker: bool = True) -> Settings:
+    """Read settings: the file named by MODELSERVE_CONFIG first, then the environment on top."""
+    env = dict(os.environ if environ is None else environ)
+    values: dict[str, str] = {}
+    config_file = env.get("MODELSERVE_CONFIG", "")
+    if config_file:
+        path = Path(config_file)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"MODELSERVE_CONFIG={config_file}: {exc.strerror}") from exc
+        values.update(parse_env_file(text, str(path)))
+    values.update({k: v for k, v in env.items() if k.startswith("MODELSERVE_")})
+
+    broker_url = values.get("MODELSERVE_BROKER_URL", "").strip()
+    if require_broker:
+        if not broker_url:
+            raise ConfigError("MODELSERVE_BROKER_URL is not set (amqp://user:password@host:5672/vhost)")
+        if not broker_url.startswith(("amqp://", "amqps://", "pyamqp://", "memory://")):
+            raise ConfigError(f"MODELSERVE_BROKER_URL must be an amqp:// URL, got {mask_url(broker_url)}")
+
+    bind = values.get("MODELSERVE_BIND", "") or "127.0.0.1:8080"
+    pool = values.get("MODELSERVE_WORKER_POOL", "") or "threads"
+    # "solo" is refused on purpose: with acks_late + prefetch it stalled under concurrent load here
+    # (Celery 5.7: messages reserved but never run). threads and prefork were load-tested.
+    if pool not in ("threads", "prefork"):
+        raise ConfigError(f"MODELSERVE_WORKER_POOL must be threads or prefork, got {pool!r}")
+    max_batch_rows = _int(values, "MODELSERVE_MAX_BATCH_ROWS", 1000)
+    return Settings(
+        broker_url=broker_url,
+        model_dir=Path(values.get("MODELSERVE_MODEL_DIR", "") or "/srv/modelserve"),
+        bind=bind,
+        web_workers=_int(values, "MODELSERVE_WEB_WORKERS", 2),
+        web_threads=_int(values, "MODELSERVE_WEB_THREADS", 32),
+        worker_concurrency=_int(values, "MODELSERVE_WORKER_CONCURRENCY", 2),
+        worker_pool=pool,
+        max_batch_rows=max_batch_rows,
+        batch_max_rows=_int(values, "MODELSERVE_BATCH_MAX_ROWS", 256),
+        batch_wait_ms=_float(values, "MODELSERVE_BATCH_WAIT_MS", 0.0),
+        batch_max_inflight=_int(values, "MODELSERVE_BATCH_MAX_INFLIGHT", 2),
+        task_timeout=_float(values, "MODELSERVE_TASK_TIMEOUT", 5.0, minimum=0.1),
+        broker_connect_timeout=_float(values, "MODELSERVE_BROKER_CONNECT_TIMEOUT", 2.0, minimum=0.1),
+        ready_timeout=_float(values, "MODELSERVE_READY_TIMEOUT", 1.0, minimum=0.05),
+        ready_cache_seconds=_float(values, "MODELSERVE_READY_CACHE_SECONDS", 1.0),
+        model_check_interval=_float(values, "MODELSERVE_MODEL_CHECK_INTERVAL", 0.5),
+        task_queue=values.get("MODELSERVE_TASK_QUEUE", "") or "modelserve.predict",
+        task_max_retries=_int(values, "MODELSERVE_TASK_MAX_RETRIES", 3, minimum=0),
+        task_time_limit=_float(values, "MODELSERVE_TASK_TIME_LIMIT", 30.0, minimum=1.0),
+        worker_prefetch=_int(values, "MODELSERVE_WORKER_PREFETCH", 4),
+        naive=_bool(values, "MODELSERVE_NAIVE", False),
+        access_log=_bool(values, "MODELSERVE_ACCESS_LOG", False),
+    )

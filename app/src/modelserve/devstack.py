@@ -1,0 +1,231 @@
+"""A private local stack for tests and the benchmark (never used in production).
+
+Starts its own RabbitMQ node (own node name, ports, epmd, data/log dirs and Erlang cookie under a
+temporary directory; a random non-guest user), Celery workers and gunicorn, all bound to
+127.0.0.1, and stops every process it started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+RABBITMQCTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"
+
+
+def rabbitmq_available() -> bool:
+    return os.access(RABBITMQ_SERVER, os.X_OK) and os.access(RABBITMQCTL, os.X_OK)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RabbitMQ:
+    def __init__(self, base: Path) -> None:
+        self.base = Path(base)
+        self.port = free_port()
+        self.dist_port = free_port()
+        self.epmd_port = free_port()
+        self.node = f"ms{secrets.token_hex(4)}@localhost"
+        self.user = f"modelserve_{secrets.token_hex(3)}"
+        self.password = secrets.token_urlsafe(18)
+        self.vhost = "modelserve"
+        self.proc: subprocess.Popen | None = None
+        self.env = self._env()
+
+    def _env(self) -> dict[str, str]:
+        home = self.base / "home"
+        for sub in ("home", "mnesia", "log"):
+            (self.base / sub).mkdir(parents=True, exist_ok=True)
+        conf = self.base / "rabbitmq.conf"
+        conf.write_text(
+            f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
+            "disk_free_limit.absolute = 50MB\n"
+            "vm_memory_high_watermark.relative = 0.3\n"
+            "log.console = false\n"
+            "log.file.level = warning\n",
+            encoding="utf-8",
+        )
+        (self.base / "enabled_plugins").write_text("[].\n", encoding="utf-8")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
+        env.update(
+            HOME=str(home),
+            RABBITMQ_NODENAME=self.node,
+            RABBITMQ_NODE_IP_ADDRESS="127.0.0.1",
+            RABBITMQ_NODE_PORT=str(self.port),
+            RABBITMQ_DIST_PORT=str(self.dist_port),
+            ERL_EPMD_PORT=str(self.epmd_port),
+            ERL_EPMD_ADDRESS="127.0.0.1",
+            RABBITMQ_MNESIA_BASE=str(self.base / "mnesia"),
+            RABBITMQ_LOG_BASE=str(self.base / "log"),
+            RABBITMQ_CONFIG_FILE=str(conf),
+            RABBITMQ_ENABLED_PLUGINS_FILE=str(self.base / "enabled_plugins"),
+            RABBITMQ_PID_FILE=str(self.base / "rabbitmq.pid"),
+            RABBITMQ_ADVANCED_CONFIG_FILE=str(self.base / "advanced.config"),
+        )
+        return env
+
+    @property
+    def url(self) -> str:
+        return f"amqp://{self.user}:{self.password}@127.0.0.1:{self.port}/{self.vhost}"
+
+    def ctl(self, *args: str, stdin: str | None = None, timeout: float = 60) -> str:
+        proc = subprocess.run(
+            [RABBITMQCTL, "-n", self.node, *args],
+            env=self.env,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"rabbitmqctl {args[0]} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+        return proc.stdout
+
+    def start(self, timeout: float = 90) -> RabbitMQ:
+        log = (self.base / "server.out").open("wb")
+        self.proc = subprocess.Popen(
+            [RABBITMQ_SERVER],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.base,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"rabbitmq-server exited: {(self.base / 'server.out').read_text()[-2000:]}"
+                )
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.5):
+                break
+            time.sleep(0.3)
+        else:
+            self.stop()
+            raise RuntimeError(f"rabbitmq-server did not listen on {self.port} within {timeout}s")
+        self.ctl("await_startup", timeout=timeout)
+        self.ctl("add_vhost", self.vhost)
+        self.ctl("add_user", self.user, self.password)
+        self.ctl("set_permissions", "-p", self.vhost, self.user, ".*", ".*", ".*")
+        with contextlib.suppress(RuntimeError):
+            self.ctl("delete_user", "guest")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(Exception):
+                self.ctl("stop", timeout=30)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        # The private epmd (own port) was started by this node: stop it too.
+        epmd = shutil.which("epmd") or "/usr/bin/epmd"
+        with contextlib.suppress(Exception):
+            subprocess.run(
+                [epmd, "-port", str(self.epmd_port), "-kill"], capture_output=True, timeout=10, check=False
+            )
+
+
+def stack_env(broker_url: str, model_dir: Path, bind: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELSERVE_")}
+    # Subprocesses import this same modelserve, installed or not (e.g. a checkout on sys.path).
+    src = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
+    env.update(
+        MODELSERVE_BROKER_URL=broker_url,
+        MODELSERVE_MODEL_DIR=str(model_dir),
+        MODELSERVE_BIND=bind,
+        TF_CPP_MIN_LOG_LEVEL="3",
+    )
+    env.update(extra)
+    return env
+
+
+def start_worker(env: dict[str, str], log: Path, *extra: str) -> subprocess.Popen:
+    code = "import sys; from modelserve.worker import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *extra],
+        env=env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def start_web(env: dict[str, str], log: Path, *extra: str) -> subprocess.Popen:
+    code = "import sys; from modelserve.web import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *extra],
+        env=env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def wait_http(url: str, timeout: float = 30, status: int = 200) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - loopback test URL
+                if resp.status == status:
+                    return
+                last = str(resp.status)
+        except Exception as exc:
+            last = str(exc)
+            if hasattr(exc, "code") and exc.code == status:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer {status} within {timeout}s (last: {last})")
+
+
+def stop_process(proc: subprocess.Popen | None, timeout: float = 15, sig: int = signal.SIGTERM) -> None:
+    """Stop a process group started by this module: ``sig`` (SIGTERM), then SIGKILL."""
+    if proc is None or proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
+def install_release(model_dir: Path, source: Path, version: str | None = None) -> str:
+    """Copy a release into model_dir/releases/<version> (optionally relabelled) and return the version.
+
+    Relabelling rewrites only metadata.json's version: the model files and checksums are unchanged,
+    so the copy validates; tests use it to get a second release without training again.
+    """
+    import json
+
+    meta = json.loads((Path(source) / "metadata.json").read_text(encoding="utf-8"))
+    if version:
+        meta["version"] = version
+    dest = Path(model_dir) / "releases" / meta["version"]
+    dest.mkdir(parents=True)
+    for name in ("model.keras", "model.tflite"):
+        shutil.copy2(Path(source) / name, dest / name)
+    (dest / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return meta["version"]

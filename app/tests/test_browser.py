@@ -1,0 +1,86 @@
+"""The human page in real headless Chromium (selenium), against the live stack."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+from ms_support import requires_rabbitmq
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+
+pytestmark = [
+    pytest.mark.browser,
+    requires_rabbitmq,
+    pytest.mark.skipif(
+        not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)),
+        reason="chromium/chromium-driver not installed (apt-get install chromium chromium-driver)",
+    ),
+]
+
+
+@pytest.fixture
+def browser(tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in (
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1200,900",
+    ):  # fmt: skip
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+    shutil.rmtree(tmp_path / "chromium-profile", ignore_errors=True)
+
+
+def test_form_predicts_and_chart_updates(live_stack, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 20)
+    browser.get(live_stack.url + "/")
+    wait.until(ec.text_to_be_present_in_element((By.ID, "served-version"), "1.0.0"))
+    assert browser.find_elements(By.CSS_SELECTOR, "#chart rect.bar") == []
+
+    def fill(values: dict[str, str]) -> None:
+        for name, value in values.items():
+            field = browser.find_element(By.NAME, name)
+            field.clear()
+            field.send_keys(value)
+
+    fill({"pregnancies": "6", "glucose": "168", "blood_pressure": "72", "skin_thickness": "35",
+          "insulin": "0", "bmi": "38.6", "diabetes_pedigree": "0.9", "age": "50"})  # fmt: skip
+    browser.find_element(By.ID, "submit").click()
+    wait.until(ec.presence_of_element_located((By.ID, "probability")))
+    text = browser.find_element(By.ID, "result").text
+    assert "Probability of diabetes:" in text and "%" in text, text
+    assert browser.find_element(By.ID, "model-version").text == "1.0.0"
+    high = float(browser.find_element(By.ID, "probability").text.rstrip("%"))
+    assert 50 < high <= 100
+    bars = browser.find_elements(By.CSS_SELECTOR, "#chart rect.bar")
+    assert len(bars) == 1
+    assert float(bars[0].get_attribute("data-probability")) == pytest.approx(high / 100, abs=0.001)
+
+    fill({"glucose": "85", "bmi": "22", "age": "25", "diabetes_pedigree": "0.2", "pregnancies": "0"})
+    browser.find_element(By.ID, "submit").click()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#chart rect.bar")) == 2)
+    low = float(browser.find_element(By.ID, "probability").text.rstrip("%"))
+    assert low < high
+    assert browser.find_element(By.ID, "count").text == "2"
+
+    # an invalid value is reported by the API with the field name, not a crash
+    fill({"glucose": "-5"})
+    browser.find_element(By.ID, "submit").click()
+    wait.until(ec.text_to_be_present_in_element((By.ID, "result"), "row.glucose"))
+    assert "Error 422" in browser.find_element(By.ID, "result").text
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#chart rect.bar")) == 2
+    browser.save_screenshot(str(tmp_path / "page.png"))

@@ -1,0 +1,79 @@
+from pathlib import Path
+
+import pytest
+from modelserve.config import ConfigError, load_settings, mask_url, parse_env_file
+
+URL = "amqp://svc:s3cret@broker.internal:5672/modelserve"
+
+
+def test_defaults_need_only_the_broker():
+    s = load_settings({"MODELSERVE_BROKER_URL": URL})
+    assert s.broker_url == URL
+    assert s.model_dir == Path("/srv/modelserve")
+    assert s.bind == "127.0.0.1:8080"
+    assert s.max_batch_rows == 1000
+    assert s.task_queue == "modelserve.predict"
+    assert s.naive is False
+
+
+def test_broker_url_is_required_and_has_no_default():
+    with pytest.raises(ConfigError, match="MODELSERVE_BROKER_URL"):
+        load_settings({})
+    assert load_settings({}, require_broker=False).broker_url == ""
+
+
+def test_broker_url_must_be_amqp():
+    with pytest.raises(ConfigError, match="amqp://"):
+        load_settings({"MODELSERVE_BROKER_URL": "redis://localhost"})
+
+
+def test_file_then_environment_wins(tmp_path):
+    cfg = tmp_path / "modelserve.env"
+    cfg.write_text(
+        "# comment\n"
+        f"MODELSERVE_BROKER_URL='{URL}'\n"
+        "export MODELSERVE_BIND=0.0.0.0:9000\n"
+        "MODELSERVE_WEB_WORKERS=3  # inline comment\n"
+        "\n"
+        'MODELSERVE_MODEL_DIR="/opt/models"\n'
+        "MODELSERVE_MAX_BATCH_ROWS=10\n"
+    )
+    s = load_settings({"MODELSERVE_CONFIG": str(cfg), "MODELSERVE_MAX_BATCH_ROWS": "20"})
+    assert s.broker_url == URL
+    assert s.bind == "0.0.0.0:9000"
+    assert s.web_workers == 3
+    assert s.model_dir == Path("/opt/models")
+    assert s.max_batch_rows == 20  # environment overrides the file
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="MODELSERVE_CONFIG"):
+        load_settings({"MODELSERVE_CONFIG": str(tmp_path / "nope.env")})
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("MODELSERVE_WEB_WORKERS", "two"),
+        ("MODELSERVE_WEB_WORKERS", "0"),
+        ("MODELSERVE_TASK_TIMEOUT", "-1"),
+        ("MODELSERVE_TASK_TIMEOUT", "nan"),
+        ("MODELSERVE_NAIVE", "maybe"),
+        ("MODELSERVE_WORKER_POOL", "gevent"),
+        ("MODELSERVE_WORKER_POOL", "solo"),
+    ],
+)
+def test_malformed_values_are_rejected(key, value):
+    with pytest.raises(ConfigError, match=key):
+        load_settings({"MODELSERVE_BROKER_URL": URL, key: value})
+
+
+def test_env_file_syntax_errors_name_the_line():
+    with pytest.raises(ConfigError, match=":2:"):
+        parse_env_file("A=1\nthis is not an assignment\n", "x.env")
+
+
+def test_describe_masks_the_password():
+    s = load_settings({"MODELSERVE_BROKER_URL": URL})
+    assert "s3cret" not in str(s.describe())
+    assert mask_url(URL) == "amqp://svc:***@broker.internal:5672/modelserve"

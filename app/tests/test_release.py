@@ -1,0 +1,136 @@
+import json
+import os
+
+import pytest
+from modelserve import devstack, release
+from modelserve.release import ReleaseError, activate, current_version, list_releases, main, rollback
+
+
+def test_seed_release_validates(seed_release):
+    meta = release.validate_release(seed_release)
+    assert meta["version"] == "1.0.0"
+    assert meta["metrics"]["heldout_accuracy"] > 0.65
+    assert meta["metrics"]["heldout_auc"] > 0.7
+    size = sum(p.stat().st_size for p in seed_release.iterdir())
+    assert size < 200_000  # stays small enough to live in git
+
+
+def test_validate_cli_ok(seed_release, capsys):
+    assert main(["validate", str(seed_release)]) == 0
+    assert "ok:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda d: (d / "model.tflite").write_bytes(b"garbage"), "sha256 mismatch"),
+        (lambda d: (d / "model.keras").unlink(), "model.keras missing"),
+        (lambda d: (d / "metadata.json").unlink(), "metadata.json: missing"),
+        (lambda d: (d / "metadata.json").write_text("{not json"), "not JSON"),
+        (lambda d: _edit(d, version="one"), "not a semantic version"),
+        (lambda d: _edit(d, features=["glucose"]), "features must be"),
+        (lambda d: _edit(d, input={"shape": [None, 7]}), "shapes"),
+        (lambda d: _edit(d, metrics={"heldout_accuracy": 3, "heldout_auc": 0.8}), "heldout_accuracy"),
+    ],
+)
+def test_validate_rejects_broken_releases(copy_seed, capsys, damage, message):
+    rel = copy_seed()
+    damage(rel)
+    with pytest.raises(ReleaseError, match=message):
+        release.validate_release(rel)
+    assert main(["validate", str(rel)]) == 1
+    assert message.split()[0] in capsys.readouterr().err
+
+
+def test_validate_rejects_a_tflite_that_does_not_load(copy_seed):
+    rel = copy_seed()
+    (rel / "model.tflite").write_bytes(b"\x00" * 64)
+    meta = json.loads((rel / "metadata.json").read_text())
+    meta["files"]["model.tflite"]["sha256"] = release.sha256_file(rel / "model.tflite")
+    (rel / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(ReleaseError, match="does not load"):
+        release.validate_release(rel)
+
+
+def _edit(rel, **changes):
+    meta = json.loads((rel / "metadata.json").read_text())
+    meta.update(changes)
+    (rel / "metadata.json").write_text(json.dumps(meta))
+
+
+def test_activate_rollback_list_current(model_dir, seed_release, capsys):
+    devstack.install_release(model_dir, seed_release, "1.1.0")
+    devstack.install_release(model_dir, seed_release, "1.0.10")
+    assert list_releases(model_dir) == ["1.0.0", "1.0.10", "1.1.0"]  # semantic, not lexical order
+    assert current_version(model_dir) == "1.0.0"
+    assert os.readlink(model_dir / "current") == "releases/1.0.0"  # relative
+
+    assert activate(model_dir, "1.1.0") == "1.0.0"
+    assert os.readlink(model_dir / "current") == "releases/1.1.0"
+    assert (model_dir / "current" / "metadata.json").is_file()
+    assert rollback(model_dir) == "1.0.0"
+    assert current_version(model_dir) == "1.0.0"
+    assert rollback(model_dir) == "1.1.0"  # previous now points at 1.1.0
+
+    os.unlink(model_dir / "previous")
+    assert rollback(model_dir) == "1.0.10"  # without history: highest version below current
+
+    assert main(["--model-dir", str(model_dir), "activate", "1.1.0"]) == 0
+    assert main(["--model-dir", str(model_dir), "current"]) == 0
+    assert main(["--model-dir", str(model_dir), "list"]) == 0
+    out = capsys.readouterr().out
+    assert "1.0.10 -> 1.1.0" in out
+    assert "* 1.1.0" in out
+    assert not list((model_dir).glob(".*tmp"))  # no leftovers from the atomic flip
+
+
+def test_activate_refuses_unknown_or_invalid(model_dir, seed_release, capsys):
+    with pytest.raises(ReleaseError, match=r"no release '9\.9\.9'"):
+        activate(model_dir, "9.9.9")
+    devstack.install_release(model_dir, seed_release, "2.0.0")
+    (model_dir / "releases" / "2.0.0" / "model.tflite").write_bytes(b"x")
+    assert main(["--model-dir", str(model_dir), "activate", "2.0.0"]) == 1
+    assert "sha256 mismatch" in capsys.readouterr().err
+    assert current_version(model_dir) == "1.0.0"  # unchanged
+
+
+def test_activate_refuses_version_mismatch(model_dir, seed_release):
+    (model_dir / "releases" / "3.0.0").mkdir()
+    for f in (seed_release).iterdir():
+        (model_dir / "releases" / "3.0.0" / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(ReleaseError, match="!= directory name"):
+        activate(model_dir, "3.0.0")
+
+
+def test_rollback_with_nothing_older(model_dir):
+    with pytest.raises(ReleaseError, match="nothing to roll back"):
+        rollback(model_dir)
+    assert main(["--model-dir", str(model_dir), "rollback"]) == 1
+
+
+def test_current_without_release(tmp_path, capsys):
+    assert main(["--model-dir", str(tmp_path), "current"]) == 1
+    assert "no current release" in capsys.readouterr().err
+
+
+def test_install_copies_and_refuses_overwrite(tmp_path, seed_release, copy_seed):
+    md = tmp_path / "m"
+    assert release.install(md, seed_release, do_activate=True) == "1.0.0"
+    assert current_version(md) == "1.0.0"
+    # The same release again (a re-run of an interrupted deploy) is fine...
+    assert release.install(md, seed_release) == "1.0.0"
+    # ...a different release under the same version is not.
+    other = copy_seed()
+    _edit(other, description="something else")
+    with pytest.raises(ReleaseError, match="immutable"):
+        release.install(md, other)
+
+
+def test_prune_keeps_the_newest_and_never_current_or_previous(model_dir, seed_release, capsys):
+    for v in ("1.1.0", "1.2.0", "1.3.0", "1.4.0"):
+        devstack.install_release(model_dir, seed_release, v)
+    activate(model_dir, "1.1.0")  # previous -> 1.0.0, the oldest
+    assert release.prune(model_dir, keep=2) == ["1.2.0"]
+    assert list_releases(model_dir) == ["1.0.0", "1.1.0", "1.3.0", "1.4.0"]
+    assert main(["--model-dir", str(model_dir), "prune", "--keep", "1"]) == 1
+    assert "keep at least 2" in capsys.readouterr().err

@@ -1,0 +1,196 @@
+#!/usr/bin/env python3
+"""Benchmark the serving stack end to end, optimised vs naive, in one run (figures printed, never asserted).
+
+Starts its own private RabbitMQ node, Celery workers and gunicorn (all on 127.0.0.1), drives them
+with wrk, prints a side-by-side table, and stops everything it started. Bounded: < 5 minutes.
+
+    .venv/bin/python bench/bench_app.py [--duration 10] [--concurrency 32] [--batch-rows 500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED = ROOT / "app" / "seed-release"
+ROW = [6, 148, 72, 35, 0, 33.6, 0.627, 50]
+
+try:
+    from modelserve import devstack, release
+except ImportError:  # running without `pip install -e app`
+    sys.path.insert(0, str(ROOT / "app" / "src"))
+    from modelserve import devstack, release
+
+
+def lua_script(path: Path, body: dict) -> Path:
+    path.write_text(
+        'wrk.method = "POST"\n'
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        "wrk.body = [==[" + json.dumps(body, separators=(",", ":")) + "]==]\n",  # the JSON holds "]]"
+        encoding="utf-8",
+    )
+    return path
+
+
+def _ms(text: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s|m)", text)
+    if not m:
+        return float("nan")
+    value, unit = float(m.group(1)), m.group(2)
+    return value * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
+
+
+def run_wrk(url: str, script: Path, concurrency: int, duration: int, threads: int = 2) -> dict:
+    out = subprocess.run(
+        [
+            "wrk", f"-t{min(threads, concurrency)}", f"-c{concurrency}", f"-d{duration}s", "--timeout", "30s",
+            "--latency", "-s", str(script), url,
+        ],
+        capture_output=True, text=True, timeout=duration + 60, check=True,
+    ).stdout  # fmt: skip
+    result = {"raw": out}
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    result["rps"] = float(m.group(1)) if m else float("nan")
+    for pct in ("50", "99"):
+        m = re.search(rf"^\s+{pct}%\s+(\S+)", out, re.M)
+        result[f"p{pct}"] = _ms(m.group(1)) if m else float("nan")
+    m = re.search(r"(\d+) requests in", out)
+    result["requests"] = int(m.group(1)) if m else 0
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    result["non2xx"] = int(m.group(1)) if m else 0
+    m = re.search(r"Socket errors: (.*)", out)
+    result["socket_errors"] = m.group(1).strip() if m else ""
+    return result
+
+
+def start_stack(base: Path, broker_url: str, model_dir: Path, queue: str, workers: int, **env: str):
+    port = devstack.free_port()
+    e = devstack.stack_env(broker_url, model_dir, f"127.0.0.1:{port}", MODELSERVE_TASK_QUEUE=queue, **env)
+    procs = [devstack.start_worker(e, base / f"{queue}-worker{i}.log") for i in range(workers)]
+    web = devstack.start_web(e, base / f"{queue}-web.log")
+    url = f"http://127.0.0.1:{port}"
+    devstack.wait_http(url + "/readyz", 60)
+    return url, web, procs
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run (default 10)")
+    parser.add_argument("--concurrency", type=int, default=32, help="wrk connections for single rows")
+    parser.add_argument("--batch-rows", type=int, default=500, help="rows per request in the batched run")
+    parser.add_argument("--batch-concurrency", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=1, help="Celery worker processes (optimised)")
+    parser.add_argument("--web-workers", type=int, default=2, help="gunicorn worker processes")
+    parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        print("bench_app: wrk not found (apt-get install wrk)", file=sys.stderr)
+        return 2
+    if not devstack.rabbitmq_available():
+        print("bench_app: rabbitmq-server not found (apt-get install rabbitmq-server)", file=sys.stderr)
+        return 2
+
+    started = time.monotonic()
+    base = Path(tempfile.mkdtemp(prefix="modelserve-bench-"))
+    model_dir = base / "models"
+    devstack.install_release(model_dir, SEED)
+    release.activate(model_dir, "1.0.0")
+    rabbit = devstack.RabbitMQ(base / "rabbitmq")
+    procs: list[subprocess.Popen] = []
+    results: dict[str, dict] = {}
+    try:
+        print(f"starting private RabbitMQ on 127.0.0.1:{rabbit.port} ...", flush=True)
+        rabbit.start()
+        common = {"MODELSERVE_WEB_WORKERS": str(args.web_workers), "MODELSERVE_MAX_BATCH_ROWS": "1000"}
+        url, web, workers = start_stack(
+            base,
+            rabbit.url,
+            model_dir,
+            "bench.fast",
+            args.workers,
+            MODELSERVE_WORKER_POOL="threads",
+            **common,
+        )
+        procs += [web, *workers]
+        single = lua_script(base / "single.lua", {"row": ROW})
+        batch = lua_script(base / "batch.lua", {"rows": [ROW] * args.batch_rows})
+        requests.post(url + "/api/v1/predict", json={"row": ROW}, timeout=10).raise_for_status()
+        run_wrk(url + "/api/v1/predict", single, args.concurrency, 2)  # warm-up
+        print(f"optimised: single rows, {args.concurrency} clients, {args.duration}s ...", flush=True)
+        results["optimised single-row"] = run_wrk(
+            url + "/api/v1/predict", single, args.concurrency, args.duration
+        )
+        print(f"optimised: {args.batch_rows}-row batches, {args.batch_concurrency} clients ...", flush=True)
+        r = run_wrk(url + "/api/v1/predict", batch, args.batch_concurrency, args.duration)
+        r["predictions_per_s"] = r["rps"] * args.batch_rows
+        results[f"optimised batch x{args.batch_rows}"] = r
+        metrics = requests.get(url + "/metrics", timeout=5).text
+        for proc in (web, *workers):
+            devstack.stop_process(proc, timeout=3, sig=signal.SIGINT if proc is web else signal.SIGQUIT)
+
+        if not args.skip_naive:
+            url, web, workers = start_stack(
+                base, rabbit.url, model_dir, "bench.naive", 1,
+                MODELSERVE_NAIVE="1", MODELSERVE_TASK_TIMEOUT="60",
+                MODELSERVE_WORKER_CONCURRENCY="1", **common,
+            )  # fmt: skip
+            procs += [web, *workers]
+            print("naive: warm-up (TensorFlow import in the worker) ...", flush=True)
+            requests.post(url + "/api/v1/predict", json={"row": ROW}, timeout=120).raise_for_status()
+            print(f"naive: single rows, {args.concurrency} clients, {args.duration}s ...", flush=True)
+            results["naive single-row"] = run_wrk(
+                url + "/api/v1/predict", single, args.concurrency, args.duration
+            )
+            for proc in (web, *workers):
+                devstack.stop_process(proc, timeout=3, sig=signal.SIGINT if proc is web else signal.SIGQUIT)
+    finally:
+        for proc in procs:
+            devstack.stop_process(proc, timeout=3, sig=signal.SIGKILL)
+        rabbit.stop()
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+
+    batch_sizes = re.findall(
+        r'modelserve_batch_rows_(sum|count)\{task="modelserve.predict",pid="\d+"\} ([\d.]+)', metrics
+    )
+    rows_sum = sum(float(v) for k, v in batch_sizes if k == "sum")
+    tasks = sum(float(v) for k, v in batch_sizes if k == "count")
+    print()
+    print(
+        f"{'mode':<26}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'pred/s':>12}{'non-2xx':>9}{'requests':>10}"
+    )
+    for name, r in results.items():
+        preds = r.get("predictions_per_s", r["rps"])
+        print(
+            f"{name:<26}{r['rps']:>10.1f}{r['p50']:>10.1f}{r['p99']:>10.1f}{preds:>12.0f}{r['non2xx']:>9}{r['requests']:>10}"
+        )
+    if "naive single-row" in results and results["naive single-row"]["rps"] > 0:
+        ratio = results["optimised single-row"]["rps"] / results["naive single-row"]["rps"]
+        print(f"\noptimised / naive (single rows, same run): {ratio:.0f}x")
+    if tasks:
+        print(
+            f"micro-batching: {rows_sum / tasks:.1f} rows per Celery task on average "
+            "over both optimised runs (web /metrics)"
+        )
+    for name, r in results.items():
+        if r["socket_errors"]:
+            print(f"{name}: socket errors: {r['socket_errors']}")
+    print(f"total bench time {time.monotonic() - started:.0f}s; cores: {len(os.sched_getaffinity(0))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Behaviour of the modelserve.cluster.rabbitmq role on the Molecule broker host.
+
+The AMQP checks connect from the controller (py-amqp, in the project's venv) to the container's
+address on the Molecule docker network, i.e. the way a Celery worker on another host does.
+"""
+
+import hashlib
+import json
+
+import amqp
+import pytest
+
+SECRET_FILE = "/etc/rabbitmq/modelserve-app.secret"
+COOKIE_FILE = "/var/lib/rabbitmq/.erlang.cookie"
+FIRST_SECRET_SHA256 = "/root/molecule-first-secret.sha256"
+APP_USER = "modelserve"
+VHOST = "modelserve"
+AMQP_PORT = 5672
+MANAGEMENT_PORT = 15672
+
+
+@pytest.fixture(scope="module")
+def cluster_ip(host):
+    """The host's default IPv4 address: the one the role binds the AMQP listener to."""
+    facts = host.ansible("setup", "gather_subset=network", check=False)["ansible_facts"]
+    return facts["ansible_default_ipv4"]["address"]
+
+
+@pytest.fixture(scope="module")
+def app_password(host):
+    with host.sudo():
+        return host.file(SECRET_FILE).content_string.strip()
+
+
+def rabbitmqctl_json(host, *args):
+    with host.sudo():
+        out = host.check_output("rabbitmqctl --quiet --formatter json " + " ".join(args))
+    return json.loads(out)
+
+
+def amqp_connect(address, userid, password, vhost=VHOST):
+    conn = amqp.Connection(
+        host=f"{address}:{AMQP_PORT}",
+        userid=userid,
+        password=password,
+        virtual_host=vhost,
+        connect_timeout=10,
+    )
+    conn.connect()
+    return conn
+
+
+def test_service_running_and_enabled(host):
+    service = host.service("rabbitmq-server")
+    assert service.is_running
+    assert service.is_enabled
+
+
+def test_amqp_listens_on_cluster_ip_only(host, cluster_ip):
+    assert host.socket(f"tcp://{cluster_ip}:{AMQP_PORT}").is_listening
+    assert not host.socket(f"tcp://0.0.0.0:{AMQP_PORT}").is_listening
+    assert not host.socket(f"tcp://:::{AMQP_PORT}").is_listening
+    assert not host.socket(f"tcp://127.0.0.1:{AMQP_PORT}").is_listening
+
+
+def test_management_not_listening_by_default(host):
+    assert not host.socket(f"tcp://{MANAGEMENT_PORT}").is_listening
+    enabled = host.file("/etc/rabbitmq/enabled_plugins")
+    assert not enabled.exists or "rabbitmq_management" not in enabled.content_string
+
+
+def test_guest_deleted_app_user_present(host):
+    users = {u["user"]: u["tags"] for u in rabbitmqctl_json(host, "list_users")}
+    assert "guest" not in users
+    assert users[APP_USER] == []
+
+
+def test_app_user_permissions(host):
+    perms = rabbitmqctl_json(host, "list_user_permissions", APP_USER)
+    assert perms == [{"vhost": VHOST, "configure": ".*", "write": ".*", "read": ".*"}]
+
+
+def test_secret_file_root_only(host, app_password):
+    secret = host.file(SECRET_FILE)
+    assert secret.is_file
+    assert secret.user == "root"
+    assert secret.group == "root"
+    assert secret.mode == 0o600
+    assert len(app_password) == 32
+    assert app_password.isalnum()
+
+
+def test_erlang_cookie(host):
+    cookie = host.file(COOKIE_FILE)
+    assert cookie.is_file
+    assert cookie.user == "rabbitmq"
+    assert cookie.group == "rabbitmq"
+    assert cookie.mode == 0o400
+
+
+def test_password_unchanged_by_second_converge(host, app_password):
+    with host.sudo():
+        first = host.file(FIRST_SECRET_SHA256).content_string.strip()
+    assert hashlib.sha256(app_password.encode()).hexdigest() == first
+
+
+def test_amqp_login_app_user_round_trip(cluster_ip, app_password):
+    conn = amqp_connect(cluster_ip, APP_USER, app_password)
+    try:
+        channel = conn.channel()
+        queue, _, _ = channel.queue_declare(exclusive=True, auto_delete=True)
+        channel.basic_publish(amqp.Message(b"ping"), exchange="", routing_key=queue)
+        message = None
+        for _ in range(50):
+            message = channel.basic_get(queue, no_ack=True)
+            if message is not None:
+                break
+        assert message is not None
+        assert message.body == b"ping"
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    ("userid", "password", "vhost"),
+    [
+        ("guest", "guest", "/"),
+        ("guest", "guest", VHOST),
+        (APP_USER, "not-the-password", VHOST),
+    ],
+)
+def test_amqp_login_refused(cluster_ip, userid, password, vhost):
+    with pytest.raises(amqp.exceptions.AccessRefused):
+        amqp_connect(cluster_ip, userid, password, vhost)
