@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap >/dev/null
-export PATH="$PWD/.venv/bin:$PATH" ANSIBLE_CALLBACKS_ENABLED=""
+export PATH="$PWD/.venv/bin:$PATH"
 inv=inventories/local
 log=$(mktemp -d)
 

@@ -173,7 +173,7 @@ def test_app_user(host):
     home = host.file("/srv/modelserve")
     assert home.is_directory
     assert home.user == "modelserve"
-    assert home.mode == 0o750
+    assert home.mode == 0o755
 
 
 def test_admin_users_and_sudoers(host):

@@ -7,7 +7,7 @@ release checks are used):
     deploy_hook.py post-receive    fan the release out to every target, flip `current`, wait
     deploy_hook.py rollback        put the previous release back on every target
 
-Configuration: /etc/modelserve/deploy.json, rendered from inventory by the role.
+Configuration: /etc/modelserve-deploy/deploy.json, rendered from inventory by the role.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from modelserve.release import ReleaseError, validate_release, version_key
 
-CONFIG = Path(os.environ.get("MODELSERVE_DEPLOY_CONFIG", "/etc/modelserve/deploy.json"))
+CONFIG = Path(os.environ.get("MODELSERVE_DEPLOY_CONFIG", "/etc/modelserve-deploy/deploy.json"))
 ZERO = "0" * 40
 
 
@@ -61,7 +61,14 @@ def export_release(commit: str, path: str, dest: Path) -> Path:
     tar_path = dest / "release.tar"
     tar_path.write_bytes(archive.stdout)
     with tarfile.open(tar_path) as tar:
-        tar.extractall(dest / "tree", filter="data")
+        if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4
+            tar.extractall(dest / "tree", filter="data")
+        else:  # Debian 12's 3.11.2: plain files and directories only, nothing outside the tree
+            for member in tar.getmembers():
+                name = Path(member.name)
+                if name.is_absolute() or ".." in name.parts or not (member.isfile() or member.isdir()):
+                    raise Refused(f"the pushed tree has an unsafe entry: {member.name}")
+            tar.extractall(dest / "tree")  # noqa: S202 (members checked above)
     tar_path.unlink()
     return dest / "tree" / path
 
