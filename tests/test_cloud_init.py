@@ -2,6 +2,7 @@
 (the role's `userdata` entry point, the same task list the servers are created with) and checked
 with cloud-init's own schema validator; plus the role's cloud-free preflight errors."""
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -35,8 +36,10 @@ PREFLIGHT_PLAY = """
     - name: Preflight
       ansible.builtin.include_role:
         name: modelserve.cluster.openstack_vm
-        tasks_from: "{{ item }}"
+        tasks_from: "{{ __tasks_from }}"
       loop: [declare, preflight]
+      loop_control:
+        loop_var: __tasks_from
 """
 
 
@@ -61,9 +64,7 @@ def _playbook(play: str, tmp_path: Path, ansible_bin, ansible_env, *args, invent
     if inventory:
         cmd += ["-i", ROOT / "inventories" / inventory]
     cmd += list(args)
-    return subprocess.run(
-        cmd, cwd=ROOT, env=dict(ansible_env, **(env or {})), capture_output=True, text=True
-    )
+    return subprocess.run(cmd, cwd=ROOT, env=dict(ansible_env, **(env or {})), capture_output=True, text=True)
 
 
 def _inventory_hosts(env: str, ansible_bin, ansible_env) -> set[str]:
@@ -98,7 +99,9 @@ def _render(env, tmp_path, ansible_bin, ansible_env, public_key, *extra) -> Path
 
 
 @pytest.mark.parametrize("env", ENVS)
-def test_user_data_of_every_machine_passes_cloud_init_schema(env, tmp_path, ansible_bin, ansible_env, public_key):
+def test_user_data_of_every_machine_passes_cloud_init_schema(
+    env, tmp_path, ansible_bin, ansible_env, public_key
+):
     cloud_init = _cloud_init()
     outdir = _render(env, tmp_path, ansible_bin, ansible_env, public_key)
     hosts = _inventory_hosts(env, ansible_bin, ansible_env)
@@ -169,8 +172,6 @@ def test_schema_check_catches_a_broken_config(tmp_path):
 def test_preflight_refuses_bad_input_with_a_clear_message(
     extra, message, tmp_path, ansible_bin, ansible_env, public_key
 ):
-    import json
-
     clouds = tmp_path / "clouds.yaml"
     clouds.write_text("clouds: {}\n")
     args = {"openstack_vm_public_key_file": str(public_key), **extra}
