@@ -38,6 +38,7 @@ def test_collection_builds_installs_and_runs_by_fqcn(tmp_path, root, ansible_bin
             "install",
             "--offline",
             "--no-deps",
+            "--force",
             "-p",
             dest,
             artifact,
@@ -59,5 +60,7 @@ def test_collection_builds_installs_and_runs_by_fqcn(tmp_path, root, ansible_bin
     )
     # The installed role ran and its preflight refused the unknown mode, naming the variable.
     assert res.returncode != 0
-    assert "model_serving_mode must be" in res.stdout
-    assert "could not be found" not in res.stdout + res.stderr
+    out = res.stdout + res.stderr
+    assert "model_serving_mode must be systemd" in out and "(got kubernetes)" in out
+    assert "could not be found" not in out
+    assert str(dest) in out  # the error points into the installed copy, not this checkout
