@@ -5,8 +5,8 @@ pushes are refused while production keeps serving it, another branch deploys not
 rollback restores the previous release.
 """
 
-import json
 import os
+import shlex
 import threading
 import time
 
@@ -34,7 +34,7 @@ def served(url):
 
 def dev(cmd):
     """Run a shell command as the data scientist in the training project."""
-    return host("gd-dev").run(f"su - mlops -c {json.dumps(f'cd {WORKDIR} && {cmd}')}")
+    return host("gd-dev").run(f"su - mlops -c {shlex.quote(f'cd {WORKDIR} && {cmd}')}")
 
 
 def push(ref="main"):
