@@ -75,4 +75,5 @@ def test_spare_host_joined_after_side_effect():
         pytest.skip("before side_effect: the spare host is not a worker yet")
     assert spare.service("modelserve-worker@1").is_running
     env = spare.file("/etc/modelserve/modelserve.env").content_string
-    assert "@cl-broker:" in env or "cl-broker" in env
+    broker_ip = _host("cl-broker").interface("eth0").addresses[0]
+    assert f"@{broker_ip}:5672/" in env or "@cl-broker:5672/" in env
