@@ -159,8 +159,9 @@ def stack_env(broker_url: str, model_dir: Path, bind: str, **extra: str) -> dict
     return env
 
 
-def start_worker(env: dict[str, str], log: Path, *extra: str) -> subprocess.Popen:
-    code = "import sys; from modelserve.worker import main; sys.exit(main(sys.argv[1:]))"
+def _start(module: str, env: dict[str, str], log: Path, *extra: str) -> subprocess.Popen:
+    """Run `module`'s console-script main() in its own session, output appended to `log`."""
+    code = f"import sys; from {module} import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.Popen(
         [sys.executable, "-c", code, *extra],
         env=env,
@@ -168,17 +169,14 @@ def start_worker(env: dict[str, str], log: Path, *extra: str) -> subprocess.Pope
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+
+
+def start_worker(env: dict[str, str], log: Path, *extra: str) -> subprocess.Popen:
+    return _start("modelserve.worker", env, log, *extra)
 
 
 def start_web(env: dict[str, str], log: Path, *extra: str) -> subprocess.Popen:
-    code = "import sys; from modelserve.web import main; sys.exit(main(sys.argv[1:]))"
-    return subprocess.Popen(
-        [sys.executable, "-c", code, *extra],
-        env=env,
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    return _start("modelserve.web", env, log, *extra)
 
 
 def wait_http(url: str, timeout: float = 30, status: int = 200) -> None:
