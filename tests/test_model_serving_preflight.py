@@ -1,0 +1,76 @@
+"""The model_serving role's preflight: bad input fails early, naming what to fix.
+
+Runs the role's preflight on the controller (connection local); nothing is installed.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+PLAY = """
+- name: model_serving preflight only
+  hosts: localhost
+  connection: local
+  gather_facts: false
+  environment:
+    PATH: "{{ lookup('ansible.builtin.env', 'TEST_PATH') }}"
+  tasks:
+    - name: Preflight
+      ansible.builtin.include_role:
+        name: modelserve.cluster.model_serving
+        tasks_from: preflight
+"""
+CREDENTIALS = {"host": "broker", "port": 5672, "user": "modelserve", "password": "x" * 24, "vhost": "modelserve"}
+
+
+def preflight(tmp_path, ansible_bin, ansible_env, path="/usr/bin:/bin", **extra):
+    play = tmp_path / "play.yml"
+    play.write_text(PLAY)
+    evars = {
+        "ansible_python_interpreter": sys.executable,
+        "model_serving_components": ["web", "worker"],
+        "model_serving_broker_credentials": CREDENTIALS,
+    }
+    evars.update(extra)
+    return subprocess.run(
+        [ansible_bin / "ansible-playbook", "-i", "localhost,", play, "-e", json.dumps(evars)],
+        cwd=ROOT,
+        env=dict(ansible_env, TEST_PATH=path),
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_systemd_mode_passes(tmp_path, ansible_bin, ansible_env):
+    res = preflight(tmp_path, ansible_bin, ansible_env)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"model_serving_mode": "kubernetes"}, "model_serving_mode must be systemd or compose"),
+        ({"model_serving_components": ["web", "gpu"]}, "a non-empty subset of [web, worker]"),
+        ({"model_serving_releases_keep": 1}, "at least 2 (one to roll back to)"),
+        ({"model_serving_broker_credentials": dict(CREDENTIALS, user="guest")}, "user (not guest)"),
+    ],
+)
+def test_bad_input_is_refused_by_name(tmp_path, ansible_bin, ansible_env, extra, message):
+    res = preflight(tmp_path, ansible_bin, ansible_env, **extra)
+    assert res.returncode != 0
+    assert message in " ".join(res.stdout.split()), res.stdout
+
+
+def test_compose_mode_without_docker_compose_says_how_to_get_it(tmp_path, ansible_bin, ansible_env):
+    # An empty PATH: no `docker` at all, as on a host outside the `docker` group.
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    res = preflight(tmp_path, ansible_bin, ansible_env, path=str(empty), model_serving_mode="compose")
+    assert res.returncode != 0
+    out = " ".join(res.stdout.split())
+    assert "model_serving_mode compose needs Docker with Compose v2" in out, out
+    assert "`docker` inventory group" in out
