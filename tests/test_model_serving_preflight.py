@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 PLAY = """
@@ -24,7 +23,13 @@ PLAY = """
         name: modelserve.cluster.model_serving
         tasks_from: preflight
 """
-CREDENTIALS = {"host": "broker", "port": 5672, "user": "modelserve", "password": "x" * 24, "vhost": "modelserve"}
+CREDENTIALS = {
+    "host": "broker",
+    "port": 5672,
+    "user": "modelserve",
+    "password": "x" * 24,
+    "vhost": "modelserve",
+}
 
 
 def preflight(tmp_path, ansible_bin, ansible_env, path="/usr/bin:/bin", **extra):
