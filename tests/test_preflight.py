@@ -1,6 +1,6 @@
-"""The model_serving role's preflight: bad input fails early, naming what to fix.
+"""Preflight of model_serving and git_deploy: bad input fails early, naming what to fix.
 
-Runs the role's preflight on the controller (connection local); nothing is installed.
+Runs the roles' preflight on the controller (connection local); nothing is installed.
 """
 
 import json
@@ -79,3 +79,50 @@ def test_compose_mode_without_docker_compose_says_how_to_get_it(tmp_path, ansibl
     out = " ".join(res.stdout.split())
     assert "model_serving_mode compose needs Docker with Compose v2" in out, out
     assert "`docker` inventory group" in out
+
+
+GIT_DEPLOY_PLAY = """
+- name: git_deploy preflight only
+  hosts: workers
+  connection: local
+  gather_facts: false
+  tasks:
+    - name: Preflight
+      ansible.builtin.include_role:
+        name: modelserve.cluster.git_deploy
+        tasks_from: preflight
+      vars:
+        git_deploy_side: production
+"""
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_git_deploy_production_needs_the_apps_release_tool(tmp_path, ansible_bin, ansible_env, installed):
+    # A production host whose app is not in a virtualenv (e.g. model_serving in compose mode).
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    if installed:
+        (venv / "bin" / "modelserve-release").write_text("#!/bin/sh\n")
+    (tmp_path / "hosts.yml").write_text("all:\n  children:\n    workers:\n      hosts:\n        w1:\n")
+    (tmp_path / "play.yml").write_text(GIT_DEPLOY_PLAY)
+    evars = {"ansible_python_interpreter": sys.executable, "git_deploy_app_venv": str(venv)}
+    res = subprocess.run(
+        [
+            ansible_bin / "ansible-playbook",
+            "-i",
+            tmp_path / "hosts.yml",
+            tmp_path / "play.yml",
+            "-e",
+            json.dumps(evars),
+        ],
+        cwd=ROOT,
+        env=ansible_env,
+        capture_output=True,
+        text=True,
+    )
+    out = " ".join(res.stdout.split())
+    if installed:
+        assert res.returncode == 0, out
+    else:
+        assert res.returncode != 0
+        assert "production hosts need the model_serving role applied first, in systemd mode" in out, out
