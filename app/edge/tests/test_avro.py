@@ -1,4 +1,5 @@
 import http.server
+import json
 import shutil
 import threading
 
@@ -15,6 +16,7 @@ from modelserve_edge.avro_store import (
     recover_part,
     to_record,
 )
+from modelserve_edge.avro_writer import INPUT, AvroSink
 
 
 def rec(i: int, device: str = "engine-01") -> dict:
@@ -232,3 +234,16 @@ def test_http_target_keeps_the_file_until_the_endpoint_accepts_it(tmp_path):
         assert server.received == [(path.name, data)]
     finally:
         server.shutdown()
+
+
+def test_sink_stores_good_messages_and_drops_the_rest(tmp_path):
+    good = {"deviceId": "e", "cycle": 1, "settings": [0.0] * 3, "sensors": [0.0] * 21, "RUL": 3}
+    writer = RotatingAvroWriter(tmp_path)
+    sink = AvroSink(writer)
+    sink.handle(INPUT, json.dumps(good).encode())
+    sink.handle(INPUT, b"[1, 2]")  # JSON, not an object
+    sink.handle(INPUT, b"{")  # not JSON
+    sink.handle("otherInput", json.dumps({**good, "cycle": 2}).encode())  # not our input
+    writer.close()
+    files = sorted(tmp_path.glob("*.avro"))
+    assert [r["cycle"] for f in files for r in read_records(f)] == [1]

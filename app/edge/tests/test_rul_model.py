@@ -74,6 +74,7 @@ def test_classifier_adds_rul_and_keeps_the_reading(models):
     clf.handle("amlInput", json.dumps(reading).encode())
     clf.handle("amlInput", json.dumps({**reading, "sensors": [1.0] * 3}).encode())  # malformed: dropped
     clf.handle("amlInput", b"{")
+    clf.handle("amlInput", b"[1, 2]")  # JSON, but not an object: dropped
     assert len(sent) == 1
     output, msg = sent[0]
     assert output == "amlOutput"

@@ -15,7 +15,7 @@ import time
 
 from modelserve_edge.avro_store import DirectoryTarget, HttpTarget, RotatingAvroWriter, Uploader, to_record
 from modelserve_edge.config import ConfigError, data_dir, env_float, env_int, env_str
-from modelserve_edge.transport import Transport, decode
+from modelserve_edge.transport import Transport, decode_object
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +31,7 @@ class AvroSink:
             log.warning("unknown input %r; message dropped", input_name)
             return
         try:
-            message = decode(body)
-            if not isinstance(message, dict):
-                raise ValueError("not a JSON object")
+            message = decode_object(body)
             record = to_record(message, int(time.time() * 1000))
         except ValueError as exc:
             log.warning("dropped a message: %s", exc)

@@ -11,7 +11,7 @@ import sys
 
 from modelserve_edge.config import env_str
 from modelserve_edge.rul_model import RulModel, features, load_model
-from modelserve_edge.transport import Transport, decode, encode
+from modelserve_edge.transport import Transport, decode_object, encode
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +33,7 @@ class RulClassifier:
             log.warning("unknown input %r; message dropped", input_name)
             return
         try:
-            message = decode(body)
-            if not isinstance(message, dict):
-                raise ValueError("not a JSON object")
+            message = decode_object(body)
             result = self.score(message)
         except ValueError as exc:
             log.warning("dropped a malformed reading: %s", exc)

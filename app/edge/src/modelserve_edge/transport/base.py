@@ -42,3 +42,11 @@ def encode(obj: Any) -> bytes:
 
 def decode(body: bytes | str) -> Any:
     return json.loads(body)
+
+
+def decode_object(body: bytes | str) -> dict:
+    """A message that must be one JSON object; ValueError otherwise (malformed or another type)."""
+    message = decode(body)
+    if not isinstance(message, dict):
+        raise ValueError("not a JSON object")
+    return message
