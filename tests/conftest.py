@@ -1,5 +1,6 @@
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -27,3 +28,14 @@ def ansible_env() -> dict:
     env["ANSIBLE_COLLECTIONS_PATH"] = str(ROOT / ".cache" / "collections")
     env["ANSIBLE_NOCOLOR"] = "1"
     return env
+
+
+def run_playbook(play: str, tmp_path: Path, ansible_bin, ansible_env, *args, inventory=None, env=None):
+    """Write `play` to tmp_path and run it from the repository root; `inventory` names inventories/<env>."""
+    path = tmp_path / "play.yml"
+    path.write_text(play)
+    cmd = [ansible_bin / "ansible-playbook", path]
+    if inventory:
+        cmd += ["-i", ROOT / "inventories" / inventory]
+    cmd += list(args)
+    return subprocess.run(cmd, cwd=ROOT, env=dict(ansible_env, **(env or {})), capture_output=True, text=True)

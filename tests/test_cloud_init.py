@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ROOT, run_playbook
 
-ROOT = Path(__file__).resolve().parent.parent
 ENVS = ["dev", "svt", "prod"]
 ROLE_GROUPS = ["broker", "frontend", "workers", "development"]
 PUBLIC_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyForTestsOnly0000000000000000000000 test@modelserve"
@@ -57,16 +57,6 @@ def public_key(tmp_path_factory) -> Path:
     return path
 
 
-def _playbook(play: str, tmp_path: Path, ansible_bin, ansible_env, *args, inventory=None, env=None):
-    path = tmp_path / "play.yml"
-    path.write_text(play)
-    cmd = [ansible_bin / "ansible-playbook", path]
-    if inventory:
-        cmd += ["-i", ROOT / "inventories" / inventory]
-    cmd += list(args)
-    return subprocess.run(cmd, cwd=ROOT, env=dict(ansible_env, **(env or {})), capture_output=True, text=True)
-
-
 def _inventory_hosts(env: str, ansible_bin, ansible_env) -> set[str]:
     out = subprocess.run(
         [ansible_bin / "ansible-inventory", "-i", ROOT / "inventories" / env / "hosts.yml", "--list"],
@@ -82,7 +72,7 @@ def _inventory_hosts(env: str, ansible_bin, ansible_env) -> set[str]:
 
 def _render(env, tmp_path, ansible_bin, ansible_env, public_key, *extra) -> Path:
     outdir = tmp_path / "user-data"
-    res = _playbook(
+    res = run_playbook(
         RENDER_PLAY,
         tmp_path,
         ansible_bin,
@@ -175,7 +165,7 @@ def test_preflight_refuses_bad_input_with_a_clear_message(
     clouds = tmp_path / "clouds.yaml"
     clouds.write_text("clouds: {}\n")
     args = {"openstack_vm_public_key_file": str(public_key), **extra}
-    res = _playbook(
+    res = run_playbook(
         PREFLIGHT_PLAY,
         tmp_path,
         ansible_bin,

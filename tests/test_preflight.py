@@ -4,11 +4,10 @@ Runs the roles' preflight on the controller (connection local); nothing is insta
 """
 
 import json
-import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import run_playbook
 
 PLAY = """
 - name: model_serving preflight only
@@ -33,20 +32,22 @@ CREDENTIALS = {
 
 
 def preflight(tmp_path, ansible_bin, ansible_env, path="/usr/bin:/bin", **extra):
-    play = tmp_path / "play.yml"
-    play.write_text(PLAY)
     evars = {
         "ansible_python_interpreter": sys.executable,
         "model_serving_components": ["web", "worker"],
         "model_serving_broker_credentials": CREDENTIALS,
     }
     evars.update(extra)
-    return subprocess.run(
-        [ansible_bin / "ansible-playbook", "-i", "localhost,", play, "-e", json.dumps(evars)],
-        cwd=ROOT,
-        env=dict(ansible_env, TEST_PATH=path),
-        capture_output=True,
-        text=True,
+    return run_playbook(
+        PLAY,
+        tmp_path,
+        ansible_bin,
+        ansible_env,
+        "-i",
+        "localhost,",
+        "-e",
+        json.dumps(evars),
+        env={"TEST_PATH": path},
     )
 
 
@@ -104,21 +105,16 @@ def test_git_deploy_production_needs_the_apps_release_tool(tmp_path, ansible_bin
     if installed:
         (venv / "bin" / "modelserve-release").write_text("#!/bin/sh\n")
     (tmp_path / "hosts.yml").write_text("all:\n  children:\n    workers:\n      hosts:\n        w1:\n")
-    (tmp_path / "play.yml").write_text(GIT_DEPLOY_PLAY)
     evars = {"ansible_python_interpreter": sys.executable, "git_deploy_app_venv": str(venv)}
-    res = subprocess.run(
-        [
-            ansible_bin / "ansible-playbook",
-            "-i",
-            tmp_path / "hosts.yml",
-            tmp_path / "play.yml",
-            "-e",
-            json.dumps(evars),
-        ],
-        cwd=ROOT,
-        env=ansible_env,
-        capture_output=True,
-        text=True,
+    res = run_playbook(
+        GIT_DEPLOY_PLAY,
+        tmp_path,
+        ansible_bin,
+        ansible_env,
+        "-i",
+        tmp_path / "hosts.yml",
+        "-e",
+        json.dumps(evars),
     )
     out = " ".join(res.stdout.split())
     if installed:
