@@ -1,8 +1,9 @@
 """scripts/test (what .ci/run runs) fails when any stage fails, and says so.
 
 The real script runs in a scratch copy of the repository layout whose tools are test doubles:
-`scripts/bootstrap`, `yamllint`, `ansible-lint`, `ruff`, `molecule` and `python -m pytest` are
-stubs that exit with the code the test asks for; everything else is the real script.
+`scripts/bootstrap`, `yamllint`, `ansible-lint`, `ruff`, `molecule`, `python -m pytest` and the
+local-cluster stage's `scripts/local-cluster`, `docker`, `curl` and `ansible-playbook` are stubs
+that exit with the code (or report the figure) the test asks for; everything else is the real script.
 """
 
 import os
@@ -36,6 +37,13 @@ def fake_repo(tmp_path):
     for tool in ("yamllint", "ansible-lint", "ruff"):
         _stub(venv / tool, 'exit "${FAKE_LINT_RC:-0}"')
     _stub(venv / "molecule", 'echo "molecule $*"; exit "${FAKE_MOLECULE_RC:-0}"')
+    _stub(tmp_path / "scripts" / "local-cluster", 'echo "$*" >>"$0.calls"; exit "${FAKE_LOCAL_RC:-0}"')
+    _stub(venv / "docker", "exit 0")
+    _stub(venv / "curl", 'echo "${FAKE_HTTP_CODE:-200}"')
+    _stub(
+        venv / "ansible-playbook",
+        'echo "PLAY RECAP ***"; echo "ms-broker : ok=5 changed=${FAKE_CHANGED:-0} unreachable=0 failed=0"',
+    )
     # `python -m pytest` is the double; the script's own summary (`python - DIR`) is real Python.
     _stub(
         venv / "python",
@@ -58,10 +66,23 @@ def test_all_stages_pass(fake_repo):
     assert re.search(r"^molecule: \d+ passed, 0 failed$", res.stdout, re.M), res.stdout
 
 
-@pytest.mark.parametrize("stage", ["lint", "pytest", "molecule"])
+@pytest.mark.parametrize("stage", ["lint", "pytest", "molecule", "local"])
 def test_one_failing_stage_fails_the_run(fake_repo, stage):
     res = run(fake_repo, **{stage: 1})
     assert res.returncode != 0, f"{stage} failed but scripts/test exited 0:\n{res.stdout}"
     assert "scripts/test: FAILED" in res.stderr
     # the stages after a failing one still run
     assert "==> molecule test -s docker" in res.stdout
+
+
+@pytest.mark.parametrize("fault", [{"http_code": 503}, {"changed": 2}])
+def test_local_stage_fails_on_a_bad_prediction_or_a_changing_rerun(fake_repo, fault):
+    env = dict(os.environ, **{f"FAKE_{k.upper()}": str(v) for k, v in fault.items()})
+    res = subprocess.run(
+        ["bash", fake_repo / "scripts" / "test", "local"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode != 0, res.stdout + res.stderr
+    assert "local cluster: FAILED" in res.stdout
+    # the cluster this stage started is removed again, failed or not
+    calls = (fake_repo / "scripts" / "local-cluster.calls").read_text().split()
+    assert calls == ["up", "down"]
