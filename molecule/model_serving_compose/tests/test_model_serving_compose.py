@@ -1,6 +1,7 @@
 """compose mode: the same app, as containers built on the host from the controller's wheels."""
 
 import json
+import os
 
 import pytest
 import requests
@@ -68,6 +69,17 @@ def test_image_holds_the_app_without_an_index(host, containers):
     image = containers["web"]["Image"]
     out = host.check_output(f"docker run --rm --network none {image} modelserve-release --help")
     assert "validate" in out
+
+
+def test_earlier_builds_of_the_app_image_are_removed(host, containers):
+    # prepare built modelserve/app:older-build with the role's label; only the image in use stays.
+    fmt = "{{.Repository}}:{{.Tag}}"
+    images = host.check_output(f"docker image ls --filter label=modelserve.app --format '{fmt}'").split()
+    assert "modelserve/app:older-build" not in images
+    assert set(images) == {c["Image"] for c in containers.values()}
+    # images without the label are left alone (the base image the app builds on)
+    base = os.environ.get("MOLECULE_IMAGE", "modelserve/debian-systemd:bookworm-amd64")
+    assert host.run(f"docker image inspect {base}").rc == 0
 
 
 def test_predicts_from_the_controller(base_url, host):
