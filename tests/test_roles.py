@@ -1,5 +1,6 @@
 """Every role's public interface: argument_specs match defaults, names carry the role prefix."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -38,3 +39,16 @@ def test_role_has_preflight_readme_and_scenario(role):
     assert (ROOT / "roles" / role / "tasks" / "preflight.yml").exists()
     assert (ROOT / "roles" / role / "README.md").exists()
     assert (ROOT / "molecule" / role / "molecule.yml").exists()
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_readme_roles_table_lists_the_role_and_real_variables(role):
+    # The README's table is where a newcomer looks first: every role has a row, and the variables
+    # it names exist in that role's defaults (a renamed variable breaks this, not the reader).
+    readme = (ROOT / "README.md").read_text()
+    rows = [ln for ln in readme.splitlines() if ln.startswith(f"| `{role}` |")]
+    assert rows, f"README's Roles table has no row for {role}"
+    defaults = yaml.safe_load((ROOT / "roles" / role / "defaults" / "main.yml").read_text())
+    named = re.findall(r"`([a-z0-9_]+)`", rows[-1].rsplit("|", 2)[-2])
+    assert named, f"README's row for {role} names no variables"
+    assert set(named) <= set(defaults), f"not in {role}'s defaults: {sorted(set(named) - set(defaults))}"
