@@ -24,9 +24,8 @@ ansible-playbook -i "$inv" site.yml >"$log/second.log"
 t4=$(date +%s.%N)
 ANSIBLE_STRATEGY=linear ansible-playbook -i "$inv" site.yml >"$log/third-linear.log"
 t5=$(date +%s.%N)
-count_changed() { awk '/PLAY RECAP/{f=1;next} f && /changed=/{sub(/.*changed=/,""); split($0,a," "); s+=a[1]} END{print s+0}' "$1"; }
-changed=$(count_changed "$log/second.log")
-changed_linear=$(count_changed "$log/third-linear.log")
+changed=$(scripts/recap-changed "$log/second.log")
+changed_linear=$(scripts/recap-changed "$log/third-linear.log")
 
 printf '%-44s %8s\n' "measure" "value"
 printf '%-44s %7.1fs\n' "containers started (systemd up)" "$(awk "BEGIN{print $t1 - $t0}")"

@@ -28,7 +28,8 @@ def _stub(path: Path, body: str) -> None:
 @pytest.fixture
 def fake_repo(tmp_path):
     (tmp_path / "scripts").mkdir()
-    shutil.copy(ROOT / "scripts" / "test", tmp_path / "scripts" / "test")
+    for script in ("test", "recap-changed"):  # the real scripts under test
+        shutil.copy(ROOT / "scripts" / script, tmp_path / "scripts" / script)
     _stub(tmp_path / "scripts" / "bootstrap", "exit 0")
     for d in ("app/tests", "app/edge/tests", "tests"):
         (tmp_path / d).mkdir(parents=True)
