@@ -1,0 +1,68 @@
+"""Types and choices live in each role's meta/argument_specs.yml, not in its preflight: Ansible
+validates the role's variables against them before the role's first task, and a wrong type or a
+value outside the choices fails there, naming the variable.
+
+The play runs each role on the controller with a tag no task carries, in check mode: only the
+validation (tagged always) and the roles' always-tagged fact gathering can run, nothing is installed.
+"""
+
+import json
+import sys
+
+import pytest
+from conftest import run_playbook
+
+PLAY = """
+- name: Argument validation of {role}
+  hosts: localhost
+  connection: local
+  gather_facts: false
+  roles:
+    - role: modelserve.cluster.{role}
+"""
+
+# (role, variables, what the failure must say): one wrong type and one wrong choice per role.
+CASES = [
+    ("rabbitmq", {"rabbitmq_amqp_port": "amqp"}, "argument 'rabbitmq_amqp_port' is of type str"),
+    (
+        "rabbitmq",
+        {"rabbitmq_service_state": "running"},
+        "value of rabbitmq_service_state must be one of: started, stopped, got: running",
+    ),
+    ("rabbitmq", {"rabbitmq_heartbeat": "often"}, "argument 'rabbitmq_heartbeat' is of type str"),
+]
+
+
+def run_role(role, tmp_path, ansible_bin, ansible_env, **evars):
+    evars = {"ansible_python_interpreter": sys.executable, **evars}
+    return run_playbook(
+        PLAY.format(role=role),
+        tmp_path,
+        ansible_bin,
+        ansible_env,
+        "-i",
+        "localhost,",
+        "--check",
+        "--tags",
+        "argument-validation-only",
+        "-e",
+        json.dumps(evars),
+    )
+
+
+@pytest.mark.parametrize(("role", "evars", "message"), CASES, ids=[next(iter(c[1])) for c in CASES])
+def test_wrong_type_or_choice_fails_naming_the_variable(
+    role, evars, message, tmp_path, ansible_bin, ansible_env
+):
+    res = run_role(role, tmp_path, ansible_bin, ansible_env, **evars)
+    out = " ".join(res.stdout.split())
+    assert res.returncode != 0, out
+    assert "Validation of arguments failed" in out, out
+    assert message in out, out
+
+
+@pytest.mark.parametrize("role", sorted({c[0] for c in CASES}))
+def test_the_defaults_pass_validation(role, tmp_path, ansible_bin, ansible_env):
+    # The control for the cases above: without a bad value the same play passes.
+    res = run_role(role, tmp_path, ansible_bin, ansible_env)
+    assert res.returncode == 0, res.stdout + res.stderr
