@@ -30,6 +30,34 @@ CASES = [
         "value of rabbitmq_service_state must be one of: started, stopped, got: running",
     ),
     ("rabbitmq", {"rabbitmq_heartbeat": "often"}, "argument 'rabbitmq_heartbeat' is of type str"),
+    ("common", {"common_ssh_port": "ssh"}, "argument 'common_ssh_port' is of type str"),
+    (
+        "common",
+        {"common_ssh_permit_root_login": "yes"},
+        "value of common_ssh_permit_root_login must be one of: no, prohibit-password, forced-commands-only",
+    ),
+    (
+        "common",
+        {"common_admin_users": [{"name": "ops", "sudo": "maybe"}]},
+        "argument 'sudo' is of type str found in 'common_admin_users'",
+    ),
+    (
+        "common",
+        {"common_firewall_extra_rules": [{"port": 80, "proto": "icmp"}]},
+        "value of proto must be one of: tcp, udp, got: icmp found in common_firewall_extra_rules",
+    ),
+    (
+        "common",
+        {"common_firewall_extra_rules": [{"proto": "udp"}]},
+        "missing required arguments: port found in",
+    ),
+    ("docker", {"docker_daemon_options": ["debug"]}, "argument 'docker_daemon_options' is of type list"),
+    (
+        "docker",
+        {"docker_source": "snap"},
+        "value of docker_source must be one of: distribution, docker, got: snap",
+    ),
+    ("docker", {"docker_service_enabled": "sometimes"}, "argument 'docker_service_enabled' is of type str"),
 ]
 
 
