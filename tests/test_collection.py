@@ -58,9 +58,9 @@ def test_collection_builds_installs_and_runs_by_fqcn(tmp_path, root, ansible_bin
         env=env,
         cwd=tmp_path,
     )
-    # The installed role ran and its preflight refused the unknown mode, naming the variable.
+    # The installed role ran and its argument specs refused the unknown mode, naming the variable.
     assert res.returncode != 0
     out = res.stdout + res.stderr
-    assert "model_serving_mode must be systemd" in out and "(got kubernetes)" in out
+    assert "value of model_serving_mode must be one of: systemd, compose, got: kubernetes" in out
     assert "could not be found" not in out
     assert str(dest) in out  # the error points into the installed copy, not this checkout

@@ -59,8 +59,23 @@ def test_systemd_mode_passes(tmp_path, ansible_bin, ansible_env):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ({"model_serving_mode": "kubernetes"}, "model_serving_mode must be systemd or compose"),
-        ({"model_serving_components": ["web", "gpu"]}, "a non-empty subset of [web, worker]"),
+        # The argument specs (validated for tasks_from preflight too) check the types and choices.
+        (
+            {"model_serving_mode": "kubernetes"},
+            "value of model_serving_mode must be one of: systemd, compose",
+        ),
+        (
+            {"model_serving_components": ["web", "gpu"]},
+            "model_serving_components must be one or more of: web, worker",
+        ),
+        ({"model_serving_http_port": "http"}, "argument 'model_serving_http_port' is of type str"),
+        (
+            {"model_serving_broker_credentials": dict(CREDENTIALS, port="amqp")},
+            "argument 'port' is of type str",
+        ),
+        # The preflight checks what the specs cannot say.
+        ({"model_serving_components": []}, "model_serving_components must not be empty"),
+        ({"model_serving_http_port": 70000}, "model_serving_http_port must be 1-65535"),
         ({"model_serving_releases_keep": 1}, "at least 2 (one to roll back to)"),
         ({"model_serving_broker_credentials": dict(CREDENTIALS, user="guest")}, "user (not guest)"),
     ],
