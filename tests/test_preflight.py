@@ -112,15 +112,22 @@ GIT_DEPLOY_PLAY = """
 """
 
 
-@pytest.mark.parametrize("installed", [True, False])
-def test_git_deploy_production_needs_the_apps_release_tool(tmp_path, ansible_bin, ansible_env, installed):
-    # A production host whose app is not in a virtualenv (e.g. model_serving in compose mode).
-    venv = tmp_path / "venv"
-    (venv / "bin").mkdir(parents=True)
-    if installed:
-        (venv / "bin" / "modelserve-release").write_text("#!/bin/sh\n")
-    (tmp_path / "hosts.yml").write_text("all:\n  children:\n    workers:\n      hosts:\n        w1:\n")
-    evars = {"ansible_python_interpreter": sys.executable, "git_deploy_app_venv": str(venv)}
+GIT_DEPLOY_INVENTORY = """
+all:
+  children:
+    workers:
+      hosts:
+        w1:
+    frontend:
+      hosts:
+        f1:
+"""
+
+
+def git_deploy_preflight(tmp_path, ansible_bin, ansible_env, **extra):
+    # The front end is there for git_deploy_model_api_url's default, which the argument specs validate.
+    (tmp_path / "hosts.yml").write_text(GIT_DEPLOY_INVENTORY)
+    evars = {"ansible_python_interpreter": sys.executable, **extra}
     res = run_playbook(
         GIT_DEPLOY_PLAY,
         tmp_path,
@@ -131,9 +138,37 @@ def test_git_deploy_production_needs_the_apps_release_tool(tmp_path, ansible_bin
         "-e",
         json.dumps(evars),
     )
-    out = " ".join(res.stdout.split())
+    return res.returncode, " ".join(res.stdout.split())
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_git_deploy_production_needs_the_apps_release_tool(tmp_path, ansible_bin, ansible_env, installed):
+    # A production host whose app is not in a virtualenv (e.g. model_serving in compose mode).
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
     if installed:
-        assert res.returncode == 0, out
+        (venv / "bin" / "modelserve-release").write_text("#!/bin/sh\n")
+    rc, out = git_deploy_preflight(tmp_path, ansible_bin, ansible_env, git_deploy_app_venv=str(venv))
+    if installed:
+        assert rc == 0, out
     else:
-        assert res.returncode != 0
+        assert rc != 0
         assert "production hosts need the model_serving role applied first, in systemd mode" in out, out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            {"git_deploy_side": "staging"},
+            "value of git_deploy_side must be one of: production, development, got: staging",
+        ),
+        ({"git_deploy_min_accuracy": "high"}, "argument 'git_deploy_min_accuracy' is of type str"),
+        ({"git_deploy_targets": []}, "which must not be empty"),
+        ({"git_deploy_releases_keep": 1}, "git_deploy_releases_keep at least 2"),
+    ],
+)
+def test_git_deploy_bad_input_is_refused_by_name(tmp_path, ansible_bin, ansible_env, extra, message):
+    rc, out = git_deploy_preflight(tmp_path, ansible_bin, ansible_env, **extra)
+    assert rc != 0
+    assert message in out, out
