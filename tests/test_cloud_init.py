@@ -156,7 +156,12 @@ def test_schema_check_catches_a_broken_config(tmp_path):
         ({"openstack_vm_admin_cidrs": []}, "openstack_vm_admin_cidrs must be a non-empty list"),
         ({"openstack_vm_cloud": "no-such-cloud"}, "'no-such-cloud' is not an entry of clouds.yaml"),
         ({"openstack_vm_public_key_file": "/nonexistent/key.pub"}, "openstack_vm_public_key_file must name"),
-        ({"openstack_vm_state": "gone"}, "openstack_vm_state must be present or absent"),
+        # The argument specs (entry points declare and preflight) check the types and choices.
+        (
+            {"openstack_vm_state": "gone"},
+            "value of openstack_vm_state must be one of: present, absent, got: gone",
+        ),
+        ({"openstack_vm_volume_size": "big"}, "argument 'openstack_vm_volume_size' is of type str"),
     ],
 )
 def test_preflight_refuses_bad_input_with_a_clear_message(
