@@ -16,7 +16,9 @@ PLAY = """
 - name: Argument validation of {role}
   hosts: localhost
   connection: local
-  gather_facts: false
+  # Some defaults the specs validate come from facts (iot_edge_litert_enabled, rabbitmq_listen_address).
+  gather_facts: true
+  gather_subset: [min]
   roles:
     - role: modelserve.cluster.{role}
 """
@@ -58,6 +60,17 @@ CASES = [
         "value of docker_source must be one of: distribution, docker, got: snap",
     ),
     ("docker", {"docker_service_enabled": "sometimes"}, "argument 'docker_service_enabled' is of type str"),
+    (
+        "iot_edge",
+        {"iot_edge_runtime": "docker"},
+        "value of iot_edge_runtime must be one of: standalone, azure",
+    ),
+    ("iot_edge", {"iot_edge_mosquitto_port": "mqtt"}, "argument 'iot_edge_mosquitto_port' is of type str"),
+    (
+        "iot_edge",
+        {"iot_edge_pki_mode": "borrowed"},
+        "value of iot_edge_pki_mode must be one of: generate, supplied",
+    ),
 ]
 
 
