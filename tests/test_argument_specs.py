@@ -107,3 +107,50 @@ def test_the_defaults_pass_validation(role, tmp_path, ansible_bin, ansible_env):
     # The control for the cases above: without a bad value the same play passes.
     res = run_role(role, tmp_path, ansible_bin, ansible_env)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+INVENTORY_PLAY = """
+- name: Every role's argument specs against each host's values
+  hosts: all
+  gather_facts: true
+  gather_subset: [min]
+  tasks:
+    - name: Validate
+      ansible.builtin.include_role:
+        name: modelserve.cluster.{{ __role }}
+      loop: [common, docker, rabbitmq, model_serving, git_deploy, iot_edge]
+      loop_control:
+        loop_var: __role
+      tags: [always]
+
+- name: The OpenStack machines' declaration
+  hosts: localhost
+  gather_facts: false
+  tasks:
+    - name: Validate
+      ansible.builtin.include_role:
+        name: modelserve.cluster.openstack_vm
+        tasks_from: declare
+      tags: [always]
+"""
+
+
+@pytest.mark.parametrize("env", ["dev", "svt", "prod", "local"])
+def test_every_inventory_passes_the_argument_specs(env, tmp_path, ansible_bin, ansible_env):
+    # Values wired in group_vars ("{{ modelserve_http_port }}" for an int) pass the specs as templated.
+    # Each host is validated on the controller (connection local), as every role: only validation runs.
+    res = run_playbook(
+        INVENTORY_PLAY,
+        tmp_path,
+        ansible_bin,
+        ansible_env,
+        "--check",
+        "--tags",
+        "argument-validation-only",
+        "-e",
+        json.dumps({"ansible_connection": "local", "ansible_python_interpreter": sys.executable}),
+        inventory=env,
+    )
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    assert out.count("Validating arguments against arg spec") >= 7, out
