@@ -34,11 +34,38 @@ def test_public_variables_are_prefixed(role):
     assert not bad, f"roles/{role}/defaults: not prefixed with {role}_: {bad}"
 
 
+def _internal(role):
+    # An internal role (its README's title says so) is included by other roles, not applied by a play.
+    readme = ROOT / "roles" / role / "README.md"
+    return readme.exists() and readme.read_text().splitlines()[0].endswith("(internal)")
+
+
 @pytest.mark.parametrize("role", ROLES)
 def test_role_has_preflight_readme_and_scenario(role):
     assert (ROOT / "roles" / role / "tasks" / "preflight.yml").exists()
     assert (ROOT / "roles" / role / "README.md").exists()
-    assert (ROOT / "molecule" / role / "molecule.yml").exists()
+    if _internal(role):
+        # Tested through the scenarios of the roles that include it: at least one must.
+        users = [
+            p
+            for p in (ROOT / "roles").glob("*/tasks/*.yml")
+            if p.parts[-3] != role and f"name: modelserve.cluster.{role}\n" in p.read_text()
+        ]
+        assert users, f"internal role {role} is included by no other role"
+    else:
+        assert (ROOT / "molecule" / role / "molecule.yml").exists()
+
+
+def test_no_role_reaches_outside_itself():
+    # The app's source comes from modelserve_app_source (the app_source lookup), not role_path/../..
+    offenders = [
+        f"{p.relative_to(ROOT)}:{n}"
+        for p in (ROOT / "roles").rglob("*")
+        if p.is_file() and p.suffix in {".yml", ".j2", ".md"}
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if "role_path }}/.." in line
+    ]
+    assert not offenders, offenders
 
 
 @pytest.mark.parametrize("role", ROLES)
