@@ -86,3 +86,41 @@ def test_mqtt_upstream_waits_for_the_broker_then_delivers_in_order(tmp_path, bro
         assert len(q) == 0
     finally:
         sender.close()
+
+
+def test_queue_byte_cap_drops_the_oldest_and_counts(tmp_path):
+    body = b"x" * 100
+    q = DiskQueue(tmp_path / "q.sqlite3", max_bytes=1000)
+    for i in range(25):
+        q.put(b"%03d" % i + body[3:])
+    assert q.size_bytes == 1000
+    assert [b[:3] for _, b in q.peek()] == [b"%03d" % i for i in range(15, 25)]
+    assert q.dropped == {"items_max_items": 0, "items_max_bytes": 15, "items_max_age": 0, "bytes": 1500}
+    q.close()
+    q2 = DiskQueue(tmp_path / "q.sqlite3", max_bytes=500)  # a smaller cap applies at start too
+    assert q2.size_bytes == 500 and len(q2) == 5
+    assert q2.dropped["items_max_bytes"] == 20 and q2.dropped["bytes"] == 2000  # counters persist
+    q2.ack([i for i, _ in q2.peek(2)])
+    assert q2.size_bytes == 300
+
+
+def test_queue_retention_drops_what_is_too_old(tmp_path):
+    now = [1000.0]
+    q = DiskQueue(tmp_path / "q.sqlite3", max_age=60, clock=lambda: now[0])
+    q.put(b"old-1")
+    now[0] += 30
+    q.put(b"old-2")
+    now[0] += 40  # old-1 is 70 s old
+    q.put(b"new")
+    assert [b for _, b in q.peek()] == [b"old-2", b"new"]
+    now[0] += 40  # nothing arrives: expire() (the forwarder calls it) drops old-2
+    q.expire()
+    assert [b for _, b in q.peek()] == [b"new"]
+    assert q.dropped["items_max_age"] == 2 and q.dropped["bytes"] == 10
+
+
+def test_item_cap_is_counted_too(tmp_path):
+    q = DiskQueue(tmp_path / "q.sqlite3", max_items=3)
+    for i in range(5):
+        q.put(str(i).encode())
+    assert q.dropped["items_max_items"] == 2 and q.dropped["bytes"] == 2

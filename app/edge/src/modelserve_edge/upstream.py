@@ -32,6 +32,8 @@ from modelserve_edge.transport import Transport
 
 log = logging.getLogger(__name__)
 
+DEFAULT_QUEUE_MAX_BYTES = 64 << 20  # UPSTREAM_QUEUE_MAX_BYTES
+DEFAULT_QUEUE_MAX_AGE = 7 * 86400.0  # UPSTREAM_QUEUE_MAX_AGE_SECONDS
 _TOPIC_SAFE = re.compile(r"[^A-Za-z0-9_.:-]")
 
 
@@ -168,8 +170,12 @@ class Forwarder:
                     log.info("upstream %s reachable again", self.sender)
                 self.failures = 0
 
-    def run(self, stop: threading.Event) -> None:
+    def run(self, stop: threading.Event, expire_every: float = 60.0) -> None:
+        expired = time.monotonic()
         while not stop.is_set():
+            if time.monotonic() - expired >= expire_every:  # retention also while nothing arrives
+                self.queue.expire()
+                expired = time.monotonic()
             if self.drain_once():
                 self.queue.wait(0.5)
             else:
@@ -186,9 +192,15 @@ def main() -> int:
         queue = DiskQueue(
             env_str("UPSTREAM_QUEUE_PATH", None) or os.path.join(data_dir(), "upstream-queue.sqlite3"),
             max_items=env_int("UPSTREAM_QUEUE_MAX", 0, minimum=0),
+            max_bytes=env_int("UPSTREAM_QUEUE_MAX_BYTES", DEFAULT_QUEUE_MAX_BYTES, minimum=0),
+            max_age=env_float("UPSTREAM_QUEUE_MAX_AGE_SECONDS", DEFAULT_QUEUE_MAX_AGE, minimum=0.0),
         )
-        if len(queue):
-            log.info("%d messages queued from a previous run", len(queue))
+        log.info(
+            "%d messages (%d bytes) queued from a previous run; dropped so far: %s",
+            len(queue),
+            queue.size_bytes,
+            queue.dropped,
+        )
         forwarder = Forwarder(
             queue,
             make_sender(url),

@@ -21,6 +21,7 @@ failed message is only logged and counted.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
@@ -250,10 +251,8 @@ class MqttTransport(Transport):
             sock = client.socket()
             if sock is not None and self._client is client:
                 log.info("%s: reconnecting for the redelivery of unacknowledged messages", self.module)
-                try:
+                with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
         self._redelivery = threading.Timer(delay, drop)
         self._redelivery.daemon = True
