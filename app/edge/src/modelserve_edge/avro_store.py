@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import shutil
+import ssl
 import threading
 import time
 import urllib.request
@@ -363,17 +364,24 @@ class DirectoryTarget:
 class HttpTarget:
     """POSTs the file body (``Content-Type: avro/binary``, ``X-Filename: <name>``); 2xx = stored."""
 
-    def __init__(self, url: str, *, timeout: float = 30.0, authorization: str | None = None):
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 30.0,
+        authorization: str | None = None,
+        context: ssl.SSLContext | None = None,
+    ):
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"upload URL must be http(s): {url!r}")
-        self.url, self.timeout, self.authorization = url, timeout, authorization
+        self.url, self.timeout, self.authorization, self.context = url, timeout, authorization, context
 
     def ship(self, path: Path) -> None:
         headers = {"Content-Type": "avro/binary", "X-Filename": path.name}
         if self.authorization:
             headers["Authorization"] = self.authorization
         request = urllib.request.Request(self.url, data=path.read_bytes(), headers=headers, method="POST")  # noqa: S310
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310 - http(s) checked
+        with urllib.request.urlopen(request, timeout=self.timeout, context=self.context) as response:  # noqa: S310 - http(s) checked
             if not 200 <= response.status < 300:
                 raise OSError(f"upload of {path.name}: HTTP {response.status}")
 

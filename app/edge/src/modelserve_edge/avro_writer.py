@@ -14,7 +14,15 @@ import threading
 import time
 
 from modelserve_edge.avro_store import DirectoryTarget, HttpTarget, RotatingAvroWriter, Uploader, to_record
-from modelserve_edge.config import ConfigError, data_dir, env_float, env_int, env_str
+from modelserve_edge.config import (
+    ConfigError,
+    data_dir,
+    env_float,
+    env_int,
+    env_str,
+    require_tls_unless_local,
+    tls_context,
+)
 from modelserve_edge.transport import Transport, decode_object
 
 log = logging.getLogger(__name__)
@@ -47,7 +55,12 @@ def upload_target(env=None):
     if url and directory:
         raise ConfigError("set AVRO_UPLOAD_URL or AVRO_UPLOAD_DIR, not both")
     if url:
-        return HttpTarget(url, authorization=env_str("AVRO_UPLOAD_AUTHORIZATION", None, env))
+        scheme = require_tls_unless_local("AVRO_UPLOAD_URL", url).scheme
+        return HttpTarget(
+            url,
+            authorization=env_str("AVRO_UPLOAD_AUTHORIZATION", None, env),
+            context=tls_context(env_str("AVRO_UPLOAD_TLS_CA", None, env)) if scheme == "https" else None,
+        )
     if directory:
         return DirectoryTarget(directory)
     return None
