@@ -267,6 +267,13 @@ def test_mqtt_messages_follow_the_routes(broker, collectors):
     )
 
 
+def send_numbered(sender, output, count):
+    """Send {"deviceId", "n": 0..count-1} on ``output`` and wait for the broker's acknowledgements."""
+    for n in range(count):
+        sender.send_json(output, {"deviceId": "engine-01", "n": n})
+    assert sender.flush(10)
+
+
 @pytest.mark.mosquitto
 def test_mqtt_persistent_session_keeps_messages_while_a_module_is_down(broker):
     first = Inbox()
@@ -276,9 +283,7 @@ def test_mqtt_persistent_session_keeps_messages_while_a_module_is_down(broker):
     router = mqtt("router", broker.port)
     router.start(Inbox())
     try:
-        for n in range(20):
-            router.send_json("classify", {"deviceId": "engine-01", "n": n})
-        assert router.flush(10)
+        send_numbered(router, "classify", 20)
         later = Inbox()
         clf2 = mqtt("rul_classifier", broker.port)
         clf2.start(later)
@@ -309,10 +314,11 @@ def test_mqtt_handler_failure_leaves_the_message_unacknowledged(broker):
     calls, lock = [], threading.Lock()
 
     def flaky(input_name, body):
+        n = json.loads(body)["n"]
         with lock:
-            calls.append(json.loads(body)["n"])
-            first = calls.count(json.loads(body)["n"]) == 1
-        if first and json.loads(body)["n"] == 1:
+            calls.append(n)
+            first = calls.count(n) == 1
+        if n == 1 and first:
             raise OSError("disk full (simulated)")
 
     avro = mqtt("avro_writer", broker.port)
@@ -320,9 +326,7 @@ def test_mqtt_handler_failure_leaves_the_message_unacknowledged(broker):
     router = mqtt("router", broker.port)
     router.start(Inbox())
     try:
-        for n in range(3):
-            router.send_json("writeAvro", {"deviceId": "engine-01", "n": n})
-        assert router.flush(10)
+        send_numbered(router, "writeAvro", 3)
         wait_until(lambda: calls.count(1) == 2, 20, "the failed message delivered again")
         wait_until(lambda: avro.handled == 3, 5, "3 messages handled")
         assert sorted(set(calls)) == [0, 1, 2]

@@ -14,15 +14,8 @@ import threading
 import time
 
 from modelserve_edge.avro_store import DirectoryTarget, HttpTarget, RotatingAvroWriter, Uploader, to_record
-from modelserve_edge.config import (
-    ConfigError,
-    data_dir,
-    env_float,
-    env_int,
-    env_str,
-    require_tls_unless_local,
-    tls_context,
-)
+from modelserve_edge.config import ConfigError, data_dir, env_float, env_int, env_str
+from modelserve_edge.tls import require_tls_unless_local, tls_context
 from modelserve_edge.transport import Transport, decode_object
 
 log = logging.getLogger(__name__)

@@ -25,17 +25,10 @@ import time
 import urllib.parse
 import urllib.request
 
-from modelserve_edge.config import (
-    ConfigError,
-    data_dir,
-    env_float,
-    env_int,
-    env_str,
-    require_tls_unless_local,
-    tls_context,
-)
+from modelserve_edge.config import ConfigError, data_dir, env_float, env_int, env_str
 from modelserve_edge.diskqueue import DiskQueue
 from modelserve_edge.routes import UPSTREAM
+from modelserve_edge.tls import require_tls_unless_local, tls_context
 from modelserve_edge.transport import Transport
 
 log = logging.getLogger(__name__)
