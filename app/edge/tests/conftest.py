@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -44,11 +45,26 @@ class Broker:
         self.port = port or free_port()
         self.proc: subprocess.Popen | None = None
         self.log = directory / "mosquitto.log"
+        self.listener: list[str] = []  # settings of the listener (TLS files)
+        self.anonymous = True
+        self.users: dict[str, str] = {}  # password_file entries
+        self.acl: list[str] = []  # acl_file lines
 
     def start(self) -> Broker:
         self.directory.mkdir(parents=True, exist_ok=True)
         conf = self.directory / "mosquitto.conf"
-        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true", "persistence false"]
+        lines = [f"listener {self.port} 127.0.0.1", *self.listener]
+        lines += [f"allow_anonymous {str(self.anonymous).lower()}", "persistence false"]
+        if self.users:
+            passwd = self.directory / "passwd"
+            passwd.write_text("".join(f"{u}:{p}\n" for u, p in self.users.items()))
+            subprocess.run(
+                [shutil.which("mosquitto_passwd") or "mosquitto_passwd", "-U", str(passwd)], check=True
+            )
+            lines.append(f"password_file {passwd}")
+        if self.acl:
+            (self.directory / "acl").write_text("\n".join(self.acl) + "\n")
+            lines.append(f"acl_file {self.directory / 'acl'}")
         if os.geteuid() == 0:
             lines.append("user root")  # do not drop to the 'mosquitto' user (tmp files stay readable)
         conf.write_text("\n".join(lines) + "\n")
@@ -93,6 +109,26 @@ def broker_factory(tmp_path):
         b.stop()
 
 
+def make_pki(directory: Path, name: str = "ca") -> dict[str, Path]:
+    """A throw-away CA and a server certificate for localhost/127.0.0.1 signed by it (openssl CLI)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = directory / f"{name}.pem", directory / f"{name}.key"
+    cert, key, csr = (
+        directory / f"{name}-server.pem",
+        directory / f"{name}-server.key",
+        directory / "server.csr",
+    )
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run = functools.partial(subprocess.run, check=True, capture_output=True)
+    run(["openssl", "req", "-x509", *ec, "-keyout", ca_key, "-out", ca, "-days", "2", "-subj", f"/CN={name}"])
+    run(["openssl", "req", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=localhost"])
+    ext = directory / "san.cnf"
+    ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    run(["openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+         "-out", cert, "-days", "2", "-extfile", ext])  # fmt: skip
+    return {"ca": ca, "cert": cert, "key": key}
+
+
 @pytest.fixture
 def broker(broker_factory):
     return broker_factory().start()
@@ -101,7 +137,9 @@ def broker(broker_factory):
 class Collector:
     """A test-side MQTT subscriber recording (topic, payload)."""
 
-    def __init__(self, port: int, topics: list[str]):
+    def __init__(
+        self, port: int, topics: list[str], username: str | None = None, password: str | None = None
+    ):
         from modelserve_edge.transport.mqtt import new_client
 
         self.messages: list[tuple[str, bytes]] = []
@@ -111,6 +149,8 @@ class Collector:
         self.client.on_connect = lambda c, *a: c.subscribe([(t, 1) for t in topics])
         self.client.on_subscribe = lambda *a: self._subscribed.set()
         self.client.on_message = self._on_message
+        if username:
+            self.client.username_pw_set(username, password)
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
         wait_until(self._subscribed.is_set, 10, f"subscription to {topics}")
@@ -132,8 +172,8 @@ class Collector:
 def collectors():
     made: list[Collector] = []
 
-    def make(port: int, topics: list[str]) -> Collector:
-        c = Collector(port, topics)
+    def make(port: int, topics: list[str], **login) -> Collector:
+        c = Collector(port, topics, **login)
         made.append(c)
         return c
 

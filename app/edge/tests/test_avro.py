@@ -1,7 +1,9 @@
 import http.server
 import json
+import os
 import shutil
 import threading
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -247,3 +249,65 @@ def test_sink_stores_good_messages_and_drops_the_rest(tmp_path):
     writer.close()
     files = sorted(tmp_path.glob("*.avro"))
     assert [r["cycle"] for f in files for r in read_records(f)] == [1]
+
+
+def store_bytes(directory):
+    return sum(p.stat().st_size for p in directory.glob("*.avro*"))
+
+
+def test_store_byte_cap_drops_the_oldest_files_and_counts_them(tmp_path):
+    w = RotatingAvroWriter(tmp_path, max_bytes=2000, codec="null", store_max_bytes=6000)
+    for i in range(300):
+        w.write([rec(i)])
+        assert store_bytes(tmp_path) <= 6000 + 2000  # the cap, plus the record that closes a file
+    w.close()
+    assert store_bytes(tmp_path) <= 6000
+    kept = [r["cycle"] for r in all_records(tmp_path)]
+    assert kept == list(range(300 - len(kept), 300))  # the newest, contiguous: oldest went first
+    dropped = w.dropped.values
+    assert dropped["records"] == 300 - len(kept) > 0
+    assert dropped["files_max_bytes"] > 0 and dropped["files_max_age"] == 0
+    assert dropped["bytes"] + store_bytes(tmp_path) > 6000
+    again = RotatingAvroWriter(tmp_path, max_bytes=2000, store_max_bytes=6000)  # counters persist
+    assert again.dropped.values == dropped
+
+
+def test_store_retention_drops_files_past_it_but_not_the_open_one(tmp_path):
+    clock = Clock()
+    clock.now = time.time()
+    w = RotatingAvroWriter(tmp_path, max_bytes=1 << 20, clock=clock, retention=3600)
+    w.write([rec(1)])
+    old = w.close_current()
+    w.write([rec(2)])
+    newer = w.close_current()
+    w.write([rec(3)])  # open
+    os.utime(old, (clock.now - 7200, clock.now - 7200))
+    os.utime(newer, (clock.now - 1800, clock.now - 1800))
+    assert w.prune() == 1
+    assert not old.exists() and newer.exists()
+    clock.now += 1900  # newer is now past the retention too
+    assert w.prune() == 1
+    w.close()
+    assert [r["cycle"] for r in all_records(tmp_path)] == [3]
+    assert w.dropped.values == {"files_max_age": 2, "files_max_bytes": 0, "records": 2,
+                                "bytes": w.dropped.values["bytes"]}  # fmt: skip
+    assert w.dropped.values["bytes"] > 0
+
+
+def test_store_cap_below_the_file_size_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="store cap"):
+        RotatingAvroWriter(tmp_path, max_bytes=2000, store_max_bytes=1000)
+
+
+def test_uploader_skips_a_file_the_store_dropped_meanwhile(tmp_path):
+    class Vanishing:
+        def ship(self, path):
+            path.unlink()  # the pruner wins the race
+            raise FileNotFoundError(path)
+
+    src = tmp_path / "src"
+    w = RotatingAvroWriter(src)
+    w.write([rec(1)])
+    w.close()
+    up = Uploader(src, Vanishing())
+    assert up.upload_once() == 0 and up.failures == 0

@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 import types
 from typing import ClassVar
 
@@ -266,6 +267,13 @@ def test_mqtt_messages_follow_the_routes(broker, collectors):
     )
 
 
+def send_numbered(sender, output, count):
+    """Send {"deviceId", "n": 0..count-1} on ``output`` and wait for the broker's acknowledgements."""
+    for n in range(count):
+        sender.send_json(output, {"deviceId": "engine-01", "n": n})
+    assert sender.flush(10)
+
+
 @pytest.mark.mosquitto
 def test_mqtt_persistent_session_keeps_messages_while_a_module_is_down(broker):
     first = Inbox()
@@ -275,9 +283,7 @@ def test_mqtt_persistent_session_keeps_messages_while_a_module_is_down(broker):
     router = mqtt("router", broker.port)
     router.start(Inbox())
     try:
-        for n in range(20):
-            router.send_json("classify", {"deviceId": "engine-01", "n": n})
-        assert router.flush(10)
+        send_numbered(router, "classify", 20)
         later = Inbox()
         clf2 = mqtt("rul_classifier", broker.port)
         clf2.start(later)
@@ -295,3 +301,46 @@ def test_mqtt_start_fails_clearly_without_a_broker():
     t = MqttTransport("router", routes=load_routes(), port=free_port(), connect_timeout=1.5)
     with pytest.raises(ConnectionError, match="router: not connected"):
         t.start(Inbox())
+
+
+@pytest.mark.mosquitto
+def test_mqtt_handler_failure_leaves_the_message_unacknowledged(broker):
+    """A handler that raises once gets the same message again (manual PUBACK); once it succeeded the
+    message is acknowledged: a restarted session receives nothing more."""
+    from modelserve_edge.transport.mqtt import PAHO2
+
+    if not PAHO2:
+        pytest.skip("manual acknowledgement needs paho-mqtt >= 2")
+    calls, lock = [], threading.Lock()
+
+    def flaky(input_name, body):
+        n = json.loads(body)["n"]
+        with lock:
+            calls.append(n)
+            first = calls.count(n) == 1
+        if n == 1 and first:
+            raise OSError("disk full (simulated)")
+
+    avro = mqtt("avro_writer", broker.port)
+    avro.start(flaky)
+    router = mqtt("router", broker.port)
+    router.start(Inbox())
+    try:
+        send_numbered(router, "writeAvro", 3)
+        wait_until(lambda: calls.count(1) == 2, 20, "the failed message delivered again")
+        wait_until(lambda: avro.handled == 3, 5, "3 messages handled")
+        assert sorted(set(calls)) == [0, 1, 2]
+        assert avro.handler_failures == 1
+        assert calls.count(0) == 1 and calls.count(2) == 1  # the acknowledged ones are not resent
+    finally:
+        router.close()
+        avro.close()
+    # Same client id, persistent session: anything still unacknowledged would come now.
+    again = Inbox()
+    avro2 = mqtt("avro_writer", broker.port)
+    avro2.start(again)
+    try:
+        time.sleep(1.5)
+        assert again.snapshot() == []
+    finally:
+        avro2.close()

@@ -3,7 +3,9 @@ import json
 import threading
 
 import pytest
-from conftest import free_port, wait_until
+from conftest import free_port, make_pki, wait_until
+from modelserve_edge.avro_writer import upload_target
+from modelserve_edge.config import ConfigError
 from modelserve_edge.diskqueue import DiskQueue
 from modelserve_edge.upstream import Forwarder, HttpSender, MqttSender, make_sender
 
@@ -86,3 +88,106 @@ def test_mqtt_upstream_waits_for_the_broker_then_delivers_in_order(tmp_path, bro
         assert len(q) == 0
     finally:
         sender.close()
+
+
+def test_queue_byte_cap_drops_the_oldest_and_counts(tmp_path):
+    body = b"x" * 100
+    q = DiskQueue(tmp_path / "q.sqlite3", max_bytes=1000)
+    for i in range(25):
+        q.put(b"%03d" % i + body[3:])
+    assert q.size_bytes == 1000
+    assert [b[:3] for _, b in q.peek()] == [b"%03d" % i for i in range(15, 25)]
+    assert q.dropped == {"items_max_items": 0, "items_max_bytes": 15, "items_max_age": 0, "bytes": 1500}
+    q.close()
+    q2 = DiskQueue(tmp_path / "q.sqlite3", max_bytes=500)  # a smaller cap applies at start too
+    assert q2.size_bytes == 500 and len(q2) == 5
+    assert q2.dropped["items_max_bytes"] == 20 and q2.dropped["bytes"] == 2000  # counters persist
+    q2.ack([i for i, _ in q2.peek(2)])
+    assert q2.size_bytes == 300
+
+
+def test_queue_retention_drops_what_is_too_old(tmp_path):
+    now = [1000.0]
+    q = DiskQueue(tmp_path / "q.sqlite3", max_age=60, clock=lambda: now[0])
+    q.put(b"old-1")
+    now[0] += 30
+    q.put(b"old-2")
+    now[0] += 40  # old-1 is 70 s old
+    q.put(b"new")
+    assert [b for _, b in q.peek()] == [b"old-2", b"new"]
+    now[0] += 40  # nothing arrives: expire() (the forwarder calls it) drops old-2
+    q.expire()
+    assert [b for _, b in q.peek()] == [b"new"]
+    assert q.dropped["items_max_age"] == 2 and q.dropped["bytes"] == 10
+
+
+def test_item_cap_is_counted_too(tmp_path):
+    q = DiskQueue(tmp_path / "q.sqlite3", max_items=3)
+    for i in range(5):
+        q.put(str(i).encode())
+    assert q.dropped["items_max_items"] == 2 and q.dropped["bytes"] == 2
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mqtt://broker.example.com/rul",
+        "http://10.0.0.5:8080/rul",
+        "mqtt://192.168.1.10:1883/t",
+        "http://edge-hub/x",
+    ],
+)
+def test_plain_upstream_to_a_non_local_host_is_refused(url):
+    with pytest.raises(ConfigError, match=r"not loopback: use (mqtts|https)://"):
+        make_sender(url, env={})
+    if url.startswith("http"):
+        with pytest.raises(ConfigError, match="AVRO_UPLOAD_URL: http:// to"):
+            upload_target({"AVRO_UPLOAD_URL": url})
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/rul", "http://localhost:9/rul", "http://[::1]:9/rul"])
+def test_plain_upstream_on_loopback_is_allowed(url):
+    assert isinstance(make_sender(url, env={}), HttpSender)
+    assert upload_target({"AVRO_UPLOAD_URL": url}).url == url
+
+
+@pytest.mark.mosquitto
+def test_mqtts_upstream_verifies_the_broker_against_the_ca(tmp_path, broker_factory, collectors):
+    pki, other = make_pki(tmp_path / "pki"), make_pki(tmp_path / "other", "other-ca")
+    cloud = broker_factory("cloud")
+    cloud.listener = [f"cafile {pki['ca']}", f"certfile {pki['cert']}", f"keyfile {pki['key']}"]
+    cloud.start()
+    url = f"mqtts://localhost:{cloud.port}/cloud/rul"
+    trusted = make_sender(url, env={"UPSTREAM_TLS_CA": str(pki["ca"]), "UPSTREAM_TIMEOUT_SECONDS": "3"})
+    untrusted = make_sender(url, env={"UPSTREAM_TLS_CA": str(other["ca"]), "UPSTREAM_TIMEOUT_SECONDS": "3"})
+    try:
+        wait_until(lambda: trusted._connected.is_set(), 15, "a TLS connection with the right CA")
+        trusted.send(b'{"deviceId": "engine-01", "RUL": 1.0}')
+        with pytest.raises(ConnectionError):  # certificate not signed by the configured CA
+            untrusted.send(b'{"deviceId": "engine-01", "RUL": 2.0}')
+    finally:
+        trusted.close()
+        untrusted.close()
+
+
+@pytest.mark.mosquitto
+def test_local_mqtt_upstream_logs_in_as_the_module(tmp_path, broker_factory, collectors):
+    local = broker_factory("local")
+    local.anonymous = False
+    local.users = {"upstream": "s3cret", "watcher": "w"}
+    local.start()
+    got = collectors(local.port, ["sink/#"], username="watcher", password="w")
+    url = f"mqtt://127.0.0.1:{local.port}/sink/rul"
+    env = {"MQTT_PORT": str(local.port), "MQTT_USERNAME": "upstream", "MQTT_PASSWORD": "s3cret",
+           "UPSTREAM_TIMEOUT_SECONDS": "3"}  # fmt: skip
+    sender = make_sender(url, env=env)
+    wrong = make_sender(url, env={**env, "MQTT_PASSWORD": "nope"})
+    try:
+        wait_until(lambda: sender._connected.is_set(), 15, "the module's login at the local broker")
+        sender.send(b'{"deviceId": "engine-01", "RUL": 3.0}')
+        wait_until(lambda: got.snapshot(), 10, "the message at the sink")
+        with pytest.raises(ConnectionError):
+            wrong.send(b"{}")
+    finally:
+        sender.close()
+        wrong.close()

@@ -19,6 +19,9 @@ USER = "modelserve-edge"
 TARGET = "modelserve-edge.target"
 MODULES = ["router", "rul-classifier", "avro-writer", "upstream", "simulator"]
 SIM_DEVICE_IDS = {"engine-01", "engine-02"}  # iot_edge_simulator_engines: 2
+MQTT_SECRETS = f"{CONFIG_DIR}/mqtt"
+MONITOR = "molecule-monitor"  # iot_edge_mqtt_extra_users in converge.yml
+P = "modelserve/edge"
 
 
 def unit(module):
@@ -36,6 +39,15 @@ def env_file(host, module):
     return env
 
 
+def password(host, user):
+    with host.sudo():
+        return host.file(f"{MQTT_SECRETS}/{user}.password").content_string.strip()
+
+
+def login(host, user):
+    return f"-h 127.0.0.1 -p 1883 -u {user} -P '{password(host, user)}'"
+
+
 def test_mosquitto_listens_on_loopback_only(host):
     assert host.service("mosquitto").is_running
     assert host.socket("tcp://127.0.0.1:1883").is_listening
@@ -44,6 +56,9 @@ def test_mosquitto_listens_on_loopback_only(host):
     assert "listener 1883 127.0.0.1" in conf
     assert "persistence true" in conf
     assert "max_queued_messages 100000" in conf
+    assert "allow_anonymous false" in conf
+    assert "password_file /etc/mosquitto/modelserve-edge.passwd" in conf
+    assert "acl_file /etc/mosquitto/modelserve-edge.acl" in conf
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -96,7 +111,7 @@ def test_package_installed_from_wheels(host):
 
 def test_pipeline_sends_rul_upstream(host):
     """{deviceId, RUL} arrive at the upstream sink, one topic per device, with plausible RULs."""
-    out = host.check_output("mosquitto_sub -h 127.0.0.1 -p 1883 -t 'molecule/upstream/#' -v -C 6 -W 120")
+    out = host.check_output(f"mosquitto_sub {login(host, MONITOR)} -t 'molecule/upstream/#' -v -C 6 -W 120")
     messages = []
     for line in out.splitlines():
         topic, _, payload = line.partition(" ")
@@ -170,3 +185,57 @@ def test_failed_module_is_restarted(host):
             break
         time.sleep(3)
     assert new not in (0, old)
+
+
+def test_anonymous_clients_are_refused(host):
+    sub = host.run("mosquitto_sub -h 127.0.0.1 -p 1883 -t '#' -C 1 -W 10")
+    assert sub.rc != 0
+    assert "not authori" in (sub.stdout + sub.stderr).lower()  # not authorised (CONNACK 5)
+    pub = host.run("mosquitto_pub -h 127.0.0.1 -p 1883 -t molecule/anon -m x")
+    assert pub.rc != 0
+    wrong = host.run(f"mosquitto_pub -h 127.0.0.1 -p 1883 -u {MONITOR} -P wrong -t molecule/x -m x")
+    assert wrong.rc != 0
+
+
+def test_each_module_logs_in_as_its_own_user_with_a_root_only_password(host):
+    secrets = host.file(MQTT_SECRETS)
+    assert (secrets.user, secrets.group, secrets.mode) == ("root", "root", 0o700)
+    with host.sudo():
+        hashed = host.file("/etc/mosquitto/modelserve-edge.passwd").content_string
+    users = dict(line.split(":", 1) for line in hashed.splitlines() if line)
+    for module in MODULES:
+        env = env_file(host, module)
+        assert env["MQTT_USERNAME"] == f"modelserve-edge-{module}"
+        with host.sudo():
+            f = host.file(f"{MQTT_SECRETS}/{env['MQTT_USERNAME']}.password")
+            assert (f.user, f.mode) == ("root", 0o600)
+        assert env["MQTT_PASSWORD"] == password(host, env["MQTT_USERNAME"])
+        assert len(env["MQTT_PASSWORD"]) >= 40  # 32 random bytes, URL-safe base64
+        assert users[env["MQTT_USERNAME"]].startswith("$7$")  # hashed, never the password itself
+        assert env["MQTT_PASSWORD"] not in hashed
+
+
+def test_a_module_user_cannot_publish_outside_its_acl(host):
+    """The simulator (a leaf device) may publish its readings and status, not a module's output: the
+    broker drops the forbidden publish (MQTT 3.1.1 has no error for it), the allowed one arrives."""
+    sim = "modelserve-edge-simulator"
+    allowed, denied = f"{P}/devices/turbofan-simulator/status", f"{P}/router/output/classify"
+    out = host.check_output(
+        f"(mosquitto_sub {login(host, MONITOR)} -t '{allowed}' -t '{denied}' -v -W 8 & "
+        f"sleep 2; "
+        f"mosquitto_pub {login(host, sim)} -q 1 -t '{denied}' -m acl-probe-denied; "
+        f"mosquitto_pub {login(host, sim)} -q 1 -t '{allowed}' -m acl-probe-allowed; "
+        f"wait) 2>&1 || true"
+    )
+    assert f"{allowed} acl-probe-allowed" in out
+    assert "acl-probe-denied" not in out
+    # ... nor read another module's topics: the subscription is refused, nothing arrives.
+    sub = host.run(f"mosquitto_sub {login(host, 'modelserve-edge-avro-writer')} -t '{denied}' -v -C 1 -W 8")
+    assert f"{denied} " not in sub.stdout
+
+
+def test_storage_bounds_reach_the_modules(host):
+    assert env_file(host, "upstream")["UPSTREAM_QUEUE_MAX_BYTES"] == "1048576"
+    assert env_file(host, "upstream")["UPSTREAM_QUEUE_MAX_AGE_SECONDS"] == "604800"
+    assert env_file(host, "avro-writer")["AVRO_STORE_MAX_BYTES"] == "8388608"
+    assert env_file(host, "avro-writer")["AVRO_RETENTION_SECONDS"] == "2592000"

@@ -10,6 +10,11 @@ with the file's 16-byte sync marker, so a torn block is detected) and renamed to
 with no complete block is removed. Truncating and renaming are idempotent, so a crash during
 recovery is recovered by the next start.
 
+Bounds (so that a device offline for long does not fill its SD card): ``store_max_bytes`` caps the
+closed files plus the open one, ``retention`` drops closed files last written longer ago than that;
+the oldest files go first, never the open one. Drops (files, records, bytes) are logged and counted
+in ``.dropped.json`` beside the files, so the totals survive restarts.
+
 Uploading: closed files, oldest first, to a directory (copy to a temp name, fsync, rename) or an
 HTTP endpoint (POST, 2xx = success); a file is deleted only after it was shipped.
 """
@@ -17,9 +22,11 @@ HTTP endpoint (POST, 2xx = success); a file is deleted only after it was shipped
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import shutil
+import ssl
 import threading
 import time
 import urllib.request
@@ -162,6 +169,37 @@ def recover_part(part: Path) -> Path | None:
     return final
 
 
+def count_records(path: Path) -> int:
+    """Records in a closed file (block headers only); 0 if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return sum(block.num_records for block in fastavro.block_reader(f))
+    except (OSError, ValueError, EOFError):
+        return 0
+
+
+DROP_COUNTERS = ("files_max_bytes", "files_max_age", "records", "bytes")
+
+
+class DropCounters:
+    """Persistent counters of dropped files (a small JSON file, replaced atomically)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            found = json.loads(path.read_text())
+        except (OSError, ValueError):
+            found = {}
+        self.values = {name: int(found.get(name, 0)) for name in DROP_COUNTERS}
+
+    def add(self, **deltas: int) -> None:
+        for name, delta in deltas.items():
+            self.values[name] += delta
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.values, sort_keys=True))
+        os.replace(tmp, self.path)
+
+
 def read_records(path: Path) -> list[dict]:
     with open(path, "rb") as f:
         return list(fastavro.reader(f))
@@ -178,10 +216,17 @@ class RotatingAvroWriter:
         prefix: str = "rul",
         schema: dict = PARSED_SCHEMA,
         clock: Callable[[], float] = time.time,
+        store_max_bytes: int = 0,
+        retention: float = 0.0,
     ):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.max_bytes, self.max_age, self.codec, self.prefix = max_bytes, max_age, codec, prefix
+        # 0 = unbounded; the open file can reach max_bytes, so a cap below that would empty the store
+        if store_max_bytes and store_max_bytes < max_bytes:
+            raise ValueError(f"store cap {store_max_bytes} is below the file size {max_bytes}")
+        self.store_max_bytes, self.retention = store_max_bytes, retention
+        self.dropped = DropCounters(self.directory / ".dropped.json")
         self.schema, self.clock = schema, clock
         self.lock = threading.RLock()
         self._file = None
@@ -190,6 +235,7 @@ class RotatingAvroWriter:
         self._opened_at = 0.0
         self._seq = 0
         self.recovered = [p for p in map(recover_part, sorted(self.directory.glob("*" + SUFFIX + PART))) if p]
+        self.prune()
 
     @property
     def current(self) -> Path | None:
@@ -244,7 +290,53 @@ class RotatingAvroWriter:
             fsync_dir(self.directory)
             self._file = self._writer = self._path = None
             log.info("closed %s", final.name)
+            self.prune()
             return final
+
+    def prune(self) -> int:
+        """Drop closed files beyond the retention and the byte cap, oldest first; files dropped."""
+        if not (self.store_max_bytes or self.retention):
+            return 0
+        with self.lock:
+            now = self.clock()
+            closed = []
+            for path in sorted(self.directory.glob("*" + SUFFIX)):  # names start with the UTC time
+                try:
+                    st = path.stat()
+                except FileNotFoundError:  # shipped meanwhile by the uploader
+                    continue
+                closed.append((path, st.st_size, st.st_mtime))
+            total = sum(size for _, size, _ in closed)
+            if self._file is not None:
+                total += os.fstat(self._file.fileno()).st_size
+            doomed = []
+            for path, size, mtime in closed:
+                if self.retention and now - mtime > self.retention:
+                    reason = "max_age"
+                elif self.store_max_bytes and total > self.store_max_bytes:
+                    reason = "max_bytes"
+                else:
+                    continue
+                doomed.append((path, size, reason))
+                total -= size
+            for path, size, reason in doomed:
+                records = count_records(path)
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    continue
+                self.dropped.add(**{f"files_{reason}": 1, "records": records, "bytes": size})
+                log.warning(
+                    "avro store %s: dropped %s (%d records, %d bytes); %d records dropped in total",
+                    "over the byte cap" if reason == "max_bytes" else "past the retention",
+                    path.name,
+                    records,
+                    size,
+                    self.dropped.values["records"],
+                )
+            if doomed:
+                fsync_dir(self.directory)
+            return len(doomed)
 
     def close(self) -> None:
         self.close_current()
@@ -272,17 +364,24 @@ class DirectoryTarget:
 class HttpTarget:
     """POSTs the file body (``Content-Type: avro/binary``, ``X-Filename: <name>``); 2xx = stored."""
 
-    def __init__(self, url: str, *, timeout: float = 30.0, authorization: str | None = None):
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 30.0,
+        authorization: str | None = None,
+        context: ssl.SSLContext | None = None,
+    ):
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"upload URL must be http(s): {url!r}")
-        self.url, self.timeout, self.authorization = url, timeout, authorization
+        self.url, self.timeout, self.authorization, self.context = url, timeout, authorization, context
 
     def ship(self, path: Path) -> None:
         headers = {"Content-Type": "avro/binary", "X-Filename": path.name}
         if self.authorization:
             headers["Authorization"] = self.authorization
         request = urllib.request.Request(self.url, data=path.read_bytes(), headers=headers, method="POST")  # noqa: S310
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310 - http(s) checked
+        with urllib.request.urlopen(request, timeout=self.timeout, context=self.context) as response:  # noqa: S310 - http(s) checked
             if not 200 <= response.status < 300:
                 raise OSError(f"upload of {path.name}: HTTP {response.status}")
 
@@ -307,11 +406,13 @@ class Uploader:
         for path in self.pending():
             try:
                 self.target.ship(path)
+            except FileNotFoundError:
+                continue  # dropped by the store's byte cap or retention meanwhile
             except Exception as exc:
                 self.failures += 1
                 log.warning("upload of %s to %s failed (%s); will retry", path.name, self.target, exc)
                 return shipped
-            path.unlink()
+            path.unlink(missing_ok=True)
             fsync_dir(self.directory)
             shipped += 1
             self.failures = 0

@@ -15,11 +15,15 @@ import time
 
 from modelserve_edge.avro_store import DirectoryTarget, HttpTarget, RotatingAvroWriter, Uploader, to_record
 from modelserve_edge.config import ConfigError, data_dir, env_float, env_int, env_str
+from modelserve_edge.tls import require_tls_unless_local, tls_context
 from modelserve_edge.transport import Transport, decode_object
 
 log = logging.getLogger(__name__)
 
 INPUT = "avroModuleInput"
+DEFAULT_STORE_MAX_BYTES = 256 << 20  # AVRO_STORE_MAX_BYTES
+DEFAULT_RETENTION = 30 * 86400.0  # AVRO_RETENTION_SECONDS
+PRUNE_EVERY = 60.0  # seconds between retention scans while no file closes
 
 
 class AvroSink:
@@ -44,7 +48,12 @@ def upload_target(env=None):
     if url and directory:
         raise ConfigError("set AVRO_UPLOAD_URL or AVRO_UPLOAD_DIR, not both")
     if url:
-        return HttpTarget(url, authorization=env_str("AVRO_UPLOAD_AUTHORIZATION", None, env))
+        scheme = require_tls_unless_local("AVRO_UPLOAD_URL", url).scheme
+        return HttpTarget(
+            url,
+            authorization=env_str("AVRO_UPLOAD_AUTHORIZATION", None, env),
+            context=tls_context(env_str("AVRO_UPLOAD_TLS_CA", None, env)) if scheme == "https" else None,
+        )
     if directory:
         return DirectoryTarget(directory)
     return None
@@ -55,12 +64,27 @@ def main() -> int:
 
     def build(transport: Transport):
         directory = env_str("AVRO_DIR", None) or os.path.join(data_dir(), "avro")
+        max_bytes = env_int("AVRO_MAX_BYTES", 1 << 20, minimum=1)
+        store_max_bytes = env_int("AVRO_STORE_MAX_BYTES", DEFAULT_STORE_MAX_BYTES, minimum=0)
+        if store_max_bytes and store_max_bytes < max_bytes:
+            raise ConfigError(
+                f"AVRO_STORE_MAX_BYTES={store_max_bytes} must be 0 or >= AVRO_MAX_BYTES={max_bytes}"
+            )
         writer = RotatingAvroWriter(
             directory,
-            max_bytes=env_int("AVRO_MAX_BYTES", 1 << 20, minimum=1),
+            max_bytes=max_bytes,
             max_age=env_float("AVRO_MAX_AGE_SECONDS", 300.0, minimum=0.0),
             codec=env_str("AVRO_CODEC", "deflate"),
             prefix=env_str("AVRO_FILE_PREFIX", "rul"),
+            store_max_bytes=store_max_bytes,
+            retention=env_float("AVRO_RETENTION_SECONDS", DEFAULT_RETENTION, minimum=0.0),
+        )
+        log.info(
+            "avro store %s: cap %s bytes, retention %s s; dropped so far: %s",
+            directory,
+            writer.store_max_bytes or "no",
+            f"{writer.retention:g}" if writer.retention else "no",
+            writer.dropped.values,
         )
         if writer.recovered:
             log.info("recovered %d leftover part files", len(writer.recovered))
@@ -92,8 +116,11 @@ def main() -> int:
 
 def _rotate_loop(writer: RotatingAvroWriter, stop: threading.Event) -> None:
     tick = max(0.05, min(1.0, writer.max_age / 4))
+    pruned = time.monotonic()
     while not stop.wait(tick):
-        writer.maybe_rotate()
+        if not writer.maybe_rotate() and time.monotonic() - pruned >= PRUNE_EVERY:
+            writer.prune()  # closing a file prunes too
+            pruned = time.monotonic()
 
 
 if __name__ == "__main__":

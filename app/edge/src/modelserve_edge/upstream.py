@@ -28,23 +28,34 @@ import urllib.request
 from modelserve_edge.config import ConfigError, data_dir, env_float, env_int, env_str
 from modelserve_edge.diskqueue import DiskQueue
 from modelserve_edge.routes import UPSTREAM
+from modelserve_edge.tls import require_tls_unless_local, tls_context
 from modelserve_edge.transport import Transport
 
 log = logging.getLogger(__name__)
 
+DEFAULT_QUEUE_MAX_BYTES = 64 << 20  # UPSTREAM_QUEUE_MAX_BYTES
+DEFAULT_QUEUE_MAX_AGE = 7 * 86400.0  # UPSTREAM_QUEUE_MAX_AGE_SECONDS
 _TOPIC_SAFE = re.compile(r"[^A-Za-z0-9_.:-]")
 
 
 class HttpSender:
-    def __init__(self, url: str, *, timeout: float = 10.0, authorization: str | None = None):
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 10.0,
+        authorization: str | None = None,
+        tls_ca: str | None = None,
+    ):
         self.url, self.timeout, self.authorization = url, timeout, authorization
+        self.context = tls_context(tls_ca) if url.startswith("https://") else None
 
     def send(self, body: bytes) -> None:
         headers = {"Content-Type": "application/json"}
         if self.authorization:
             headers["Authorization"] = self.authorization
         request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")  # noqa: S310
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310 - http(s) only
+        with urllib.request.urlopen(request, timeout=self.timeout, context=self.context) as response:  # noqa: S310 - http(s) only
             if not 200 <= response.status < 300:
                 raise OSError(f"HTTP {response.status}")
 
@@ -63,6 +74,8 @@ class MqttSender:
         timeout: float = 10.0,
         client_id: str | None = None,
         tls_ca: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
     ):
         from modelserve_edge.transport.mqtt import configure_client, new_client
 
@@ -78,8 +91,8 @@ class MqttSender:
         self.client = new_client(client_id or f"modelserve-edge-{socket.gethostname()}", clean_session=True)
         configure_client(
             self.client,
-            username=urllib.parse.unquote(parts.username) if parts.username else None,
-            password=urllib.parse.unquote(parts.password) if parts.password else None,
+            username=urllib.parse.unquote(parts.username) if parts.username else username,
+            password=urllib.parse.unquote(parts.password) if parts.password else password,
             tls_ca=tls_ca,
             tls=tls,
         )
@@ -124,16 +137,25 @@ class MqttSender:
 
 
 def make_sender(url: str, env=None):
-    scheme = urllib.parse.urlsplit(url).scheme
+    """The sender for ``url``; a plain URL to a host that is not loopback is refused (TLS only).
+    An ``mqtt://`` URL without credentials to the local broker (loopback, ``MQTT_PORT``) logs in as
+    this module (``MQTT_USERNAME``/``MQTT_PASSWORD``)."""
+    parts = require_tls_unless_local("UPSTREAM_URL", url)
     timeout = env_float("UPSTREAM_TIMEOUT_SECONDS", 10.0, env, minimum=0.1)
-    if scheme in ("http", "https"):
-        return HttpSender(url, timeout=timeout, authorization=env_str("UPSTREAM_AUTHORIZATION", None, env))
-    if scheme in ("mqtt", "mqtts"):
+    tls_ca = env_str("UPSTREAM_TLS_CA", None, env)
+    if parts.scheme in ("http", "https"):
+        return HttpSender(
+            url, timeout=timeout, authorization=env_str("UPSTREAM_AUTHORIZATION", None, env), tls_ca=tls_ca
+        )
+    if parts.scheme in ("mqtt", "mqtts"):
+        local = parts.scheme == "mqtt" and (parts.port or 1883) == env_int("MQTT_PORT", 1883, env)
         return MqttSender(
             url,
             timeout=timeout,
             client_id=env_str("UPSTREAM_CLIENT_ID", None, env),
-            tls_ca=env_str("UPSTREAM_TLS_CA", None, env),
+            tls_ca=tls_ca,
+            username=env_str("MQTT_USERNAME", None, env) if local else None,
+            password=env_str("MQTT_PASSWORD", None, env) if local else None,
         )
     raise ConfigError(f"UPSTREAM_URL={url!r}: expected mqtt://, mqtts://, http:// or https://")
 
@@ -168,8 +190,12 @@ class Forwarder:
                     log.info("upstream %s reachable again", self.sender)
                 self.failures = 0
 
-    def run(self, stop: threading.Event) -> None:
+    def run(self, stop: threading.Event, expire_every: float = 60.0) -> None:
+        expired = time.monotonic()
         while not stop.is_set():
+            if time.monotonic() - expired >= expire_every:  # retention also while nothing arrives
+                self.queue.expire()
+                expired = time.monotonic()
             if self.drain_once():
                 self.queue.wait(0.5)
             else:
@@ -186,9 +212,15 @@ def main() -> int:
         queue = DiskQueue(
             env_str("UPSTREAM_QUEUE_PATH", None) or os.path.join(data_dir(), "upstream-queue.sqlite3"),
             max_items=env_int("UPSTREAM_QUEUE_MAX", 0, minimum=0),
+            max_bytes=env_int("UPSTREAM_QUEUE_MAX_BYTES", DEFAULT_QUEUE_MAX_BYTES, minimum=0),
+            max_age=env_float("UPSTREAM_QUEUE_MAX_AGE_SECONDS", DEFAULT_QUEUE_MAX_AGE, minimum=0.0),
         )
-        if len(queue):
-            log.info("%d messages queued from a previous run", len(queue))
+        log.info(
+            "%d messages (%d bytes) queued from a previous run; dropped so far: %s",
+            len(queue),
+            queue.size_bytes,
+            queue.dropped,
+        )
         forwarder = Forwarder(
             queue,
             make_sender(url),

@@ -10,12 +10,20 @@ Topic scheme, with ``P`` = ``MQTT_TOPIC_PREFIX`` (default ``modelserve/edge``):
 
 QoS 1 and persistent sessions (clean_session=False, a fixed client id per module): a module that is
 down keeps its subscriptions on the broker, which queues its messages until it is back.
-Works with paho-mqtt 1.6 (Debian 12, azure-iot-device) and 2.x.
+
+Manual acknowledgement (paho-mqtt >= 2): a message is acknowledged (PUBACK) only after the handler
+returned for every input it is routed to. When a handler raises, the message stays unacknowledged
+and the connection is dropped after a back-off (1 s doubling up to 60 s, reset by the next success):
+the broker resends unacknowledged QoS 1 messages of a persistent session only on reconnect. paho-mqtt
+1.6 (Debian 12, azure-iot-device) acknowledges when the callback returns, whatever it did: there a
+failed message is only logged and counted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -29,12 +37,14 @@ from modelserve_edge.transport.base import Handler, Transport
 log = logging.getLogger(__name__)
 
 MAX_TRACKED = 100_000  # unacknowledged publishes remembered for flush()
+PAHO2 = hasattr(mqtt, "CallbackAPIVersion")
+REDELIVERY_BACKOFF = (1.0, 60.0)  # seconds before a failed message is asked for again (min, max)
 
 
-def new_client(client_id: str, clean_session: bool) -> mqtt.Client:
+def new_client(client_id: str, clean_session: bool, *, manual_ack: bool = False) -> mqtt.Client:
     kwargs = {"client_id": client_id, "clean_session": clean_session, "protocol": mqtt.MQTTv311}
-    if hasattr(mqtt, "CallbackAPIVersion"):  # paho-mqtt >= 2
-        return mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, **kwargs)
+    if PAHO2:
+        return mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, manual_ack=manual_ack, **kwargs)
     return mqtt.Client(**kwargs)
 
 
@@ -106,6 +116,11 @@ class MqttTransport(Transport):
         self._pending: deque = deque()
         self._filters: list[str] = []
         self._sub_mid: int | None = None
+        self.manual_ack = PAHO2
+        self.handled = 0  # messages acknowledged after every handler succeeded
+        self.handler_failures = 0  # messages left unacknowledged (redelivered after a reconnect)
+        self._failure_streak = 0
+        self._redelivery: threading.Timer | None = None
 
     # topics ---------------------------------------------------------------------------------
     @property
@@ -141,7 +156,7 @@ class MqttTransport(Transport):
         if handler is not None:
             self._filters = [*self.routes.topic_filters(self.module, self.prefix), self.input_topic("+")]
         clean = handler is None  # a send-only client needs no session on the broker
-        client = new_client(self.client_id, clean_session=clean)
+        client = new_client(self.client_id, clean_session=clean, manual_ack=self.manual_ack)
         configure_client(client, **self._auth)
         client.will_set(self.status_topic, b"offline", qos=1, retain=True)
         client.on_connect = self._on_connect
@@ -199,12 +214,49 @@ class MqttTransport(Transport):
             inputs = []
         if not inputs:
             log.warning("%s: no route for a message on %s; dropped", self.module, message.topic)
+            self._ack(client, message)
             return
         for name in inputs:
             try:
                 self._handler(name, message.payload)
             except Exception:
-                log.exception("%s: handler failed on input %s (topic %s)", self.module, name, message.topic)
+                self.handler_failures += 1
+                self._failure_streak += 1
+                log.exception(
+                    "%s: handler failed on input %s (topic %s); message not acknowledged (%d failures)",
+                    self.module,
+                    name,
+                    message.topic,
+                    self.handler_failures,
+                )
+                self._request_redelivery(client)
+                return
+        self.handled += 1
+        self._failure_streak = 0
+        self._ack(client, message)
+
+    def _ack(self, client, message) -> None:
+        if self.manual_ack and message.qos > 0:
+            client.ack(message.mid, message.qos)
+
+    def _request_redelivery(self, client) -> None:
+        """Drop the connection after a back-off: paho reconnects and the broker resends what is
+        unacknowledged. One pending drop at a time; messages keep flowing meanwhile."""
+        if not self.manual_ack or (self._redelivery is not None and self._redelivery.is_alive()):
+            return
+        low, high = REDELIVERY_BACKOFF
+        delay = min(high, low * 2 ** min(self._failure_streak - 1, 16))
+
+        def drop():
+            sock = client.socket()
+            if sock is not None and self._client is client:
+                log.info("%s: reconnecting for the redelivery of unacknowledged messages", self.module)
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+        self._redelivery = threading.Timer(delay, drop)
+        self._redelivery.daemon = True
+        self._redelivery.start()
 
     def send(self, output: str, body: bytes) -> None:
         if self._client is None:
@@ -231,6 +283,8 @@ class MqttTransport(Transport):
         client, self._client = self._client, None
         if client is None:
             return
+        if self._redelivery is not None:
+            self._redelivery.cancel()
         if not self.flush(10.0):
             log.warning("%s: %d messages not acknowledged at exit", self.module, len(self._pending))
         if self._ready.is_set():
