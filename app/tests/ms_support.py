@@ -9,6 +9,7 @@ from modelserve import devstack
 from modelserve.client import ServiceUnavailable
 from modelserve.config import load_settings
 from modelserve.protocol import TASK_MODEL_INFO, TASK_PREDICT_NAIVE
+from modelserve.wire import labels
 
 
 class FakeTaskLayer:
@@ -27,7 +28,7 @@ class FakeTaskLayer:
         return {
             "model_version": self.version,
             "probabilities": probs,
-            "labels": [int(p >= 0.5) for p in probs],
+            "labels": labels(probs),
         }
 
     def call(self, task, args, timeout=None):

@@ -3,7 +3,8 @@ import time
 
 import pytest
 from modelserve import devstack, release
-from modelserve.model import LoadedModel, ModelHolder, ModelUnavailable, TFLiteModel
+from modelserve.litert import TFLiteModel
+from modelserve.model import LoadedModel, ModelHolder, ModelUnavailable
 
 ROWS = [[6, 148, 72, 35, 0, 33.6, 0.627, 50], [1, 85, 66, 29, 0, 26.6, 0.351, 31]]
 
