@@ -16,7 +16,6 @@ from typing import Any
 from kombu import Exchange, Queue
 
 TASK_PREDICT = "modelserve.predict"
-TASK_PREDICT_NAIVE = "modelserve.predict_naive"
 TASK_MODEL_INFO = "modelserve.model_info"
 
 

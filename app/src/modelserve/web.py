@@ -21,7 +21,7 @@ from modelserve import __version__
 from modelserve.config import ConfigError, Settings, load_settings
 from modelserve.features import FEATURES, InputError, parse_json_body, validate_request
 from modelserve.metrics import Metrics
-from modelserve.protocol import TASK_MODEL_INFO, TASK_PREDICT_NAIVE
+from modelserve.protocol import TASK_MODEL_INFO
 
 
 class TaskLayer(Protocol):
@@ -149,7 +149,7 @@ def create_app(settings: Settings | None = None, tasks: TaskLayer | None = None)
         except InputError as exc:
             return _json(exc.to_json(), exc.status)
         try:
-            result = tasks.call(TASK_PREDICT_NAIVE, [rows]) if settings.naive else tasks.predict(rows)
+            result = tasks.predict(rows)
         except ServiceUnavailable as exc:
             return unavailable(exc)
         version = result["model_version"]
