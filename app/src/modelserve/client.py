@@ -35,7 +35,7 @@ from kombu import Connection, Consumer, Producer, Queue
 
 from modelserve.config import Settings
 from modelserve.metrics import Metrics
-from modelserve.protocol import TASK_PREDICT, task_exchange, task_message, task_queue
+from modelserve.protocol import TASK_PREDICT, task_message, task_producer, task_queue
 from modelserve.wire import pack_rows, read_answer
 
 log = logging.getLogger(__name__)
@@ -198,9 +198,7 @@ class TaskClient:
             conn.connect()
             channel = conn.channel()
             task_queue(self.settings.task_queue)(channel).declare()
-            self._producer = Producer(
-                channel, exchange=task_exchange(self.settings.task_queue), serializer="json"
-            )
+            self._producer = task_producer(channel, self.settings.task_queue)
         except Exception as exc:
             self._publisher_failed(conn, exc)
             raise ServiceUnavailable(f"broker unreachable: {self._last_error}", "broker") from None
@@ -228,22 +226,14 @@ class TaskClient:
             return
         reply_to = self._reply_to or ""
         timeout = self.settings.task_timeout
-        task_id, headers, properties, body = task_message(task, args, reply_to=reply_to)
+        message = task_message(task, args, reply_to=reply_to)
         with self._lock:
-            self._pending[task_id] = _Pending(task, calls, slot, timeout)
+            self._pending[message.id] = _Pending(task, calls, slot, timeout)
         try:
-            producer.publish(
-                body,
-                routing_key=self.settings.task_queue,
-                headers=headers,
-                delivery_mode=1,
-                expiration=timeout,
-                retry=False,
-                **properties,
-            )
+            message.publish(producer, self.settings.task_queue, ttl=timeout)
         except Exception as exc:
             self._publisher_failed(self._pub, exc)
-            self._finish(task_id, ServiceUnavailable(f"broker unreachable: {self._last_error}", "broker"))
+            self._finish(message.id, ServiceUnavailable(f"broker unreachable: {self._last_error}", "broker"))
             return
         if task == TASK_PREDICT:
             self.metrics.batch_rows.observe(rows, task)
