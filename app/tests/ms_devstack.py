@@ -122,12 +122,16 @@ class RabbitMQ:
         else:
             self.stop()
             raise RuntimeError(f"rabbitmq-server did not listen on {self.port} within {timeout}s")
-        self.ctl("await_startup", timeout=timeout)
-        self.ctl("add_vhost", self.vhost)
-        self.ctl("add_user", self.user, self.password)
-        self.ctl("set_permissions", "-p", self.vhost, self.user, ".*", ".*", ".*")
-        with contextlib.suppress(RuntimeError):
-            self.ctl("delete_user", "guest")
+        try:
+            self.ctl("await_startup", timeout=timeout)
+            self.ctl("add_vhost", self.vhost)
+            self.ctl("add_user", self.user, self.password)
+            self.ctl("set_permissions", "-p", self.vhost, self.user, ".*", ".*", ".*")
+            with contextlib.suppress(RuntimeError):
+                self.ctl("delete_user", "guest")
+        except BaseException:
+            self.stop()  # a node that came up half-way (e.g. rabbitmqctl timed out) is not left running
+            raise
         return self
 
     def stop(self) -> None:
