@@ -27,11 +27,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SEED = ROOT / "app" / "seed-release"
 ROW = [6, 148, 72, 35, 0, 33.6, 0.627, 50]
 
+# The private stack and the naive worker are the app's test support, not part of the package.
+sys.path.insert(0, str(ROOT / "app" / "tests"))
 try:
-    from modelserve import devstack, release
+    from modelserve import release
 except ImportError:  # running without `pip install -e app`
     sys.path.insert(0, str(ROOT / "app" / "src"))
-    from modelserve import devstack, release
+    from modelserve import release
+import ms_devstack as devstack  # noqa: E402
 
 
 def lua_script(path: Path, body: dict) -> Path:
@@ -75,10 +78,13 @@ def run_wrk(url: str, script: Path, concurrency: int, duration: int, threads: in
     return result
 
 
-def start_stack(base: Path, broker_url: str, model_dir: Path, queue: str, workers: int, **env: str):
+def start_stack(
+    base: Path, broker_url: str, model_dir: Path, queue: str, workers: int, naive: bool = False, **env: str
+):
     port = devstack.free_port()
     e = devstack.stack_env(broker_url, model_dir, f"127.0.0.1:{port}", MODELSERVE_TASK_QUEUE=queue, **env)
-    procs = [devstack.start_worker(e, base / f"{queue}-worker{i}.log") for i in range(workers)]
+    start_worker = devstack.start_naive_worker if naive else devstack.start_worker
+    procs = [start_worker(e, base / f"{queue}-worker{i}.log") for i in range(workers)]
     web = devstack.start_web(e, base / f"{queue}-web.log")
     url = f"http://127.0.0.1:{port}"
     devstack.wait_http(url + "/readyz", 60)
@@ -142,10 +148,12 @@ def main() -> int:
             devstack.stop_process(proc, timeout=3, sig=signal.SIGINT if proc is web else signal.SIGQUIT)
 
         if not args.skip_naive:
+            # The same web with micro-batching off (one task per request, none held back) in front
+            # of a worker that loads model.keras for every task (app/tests/ms_naive.py).
             url, web, workers = start_stack(
-                base, rabbit.url, model_dir, "bench.naive", 1,
-                MODELSERVE_NAIVE="1", MODELSERVE_TASK_TIMEOUT="60",
-                MODELSERVE_WORKER_CONCURRENCY="1", **common,
+                base, rabbit.url, model_dir, "bench.naive", 1, naive=True,
+                MODELSERVE_BATCH_MAX_ROWS="1", MODELSERVE_BATCH_MAX_INFLIGHT=str(max(2, args.concurrency)),
+                MODELSERVE_TASK_TIMEOUT="60", MODELSERVE_WORKER_CONCURRENCY="1", **common,
             )  # fmt: skip
             procs += [web, *workers]
             print("naive: warm-up (TensorFlow import in the worker) ...", flush=True)

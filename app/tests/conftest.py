@@ -9,9 +9,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ms_devstack as devstack
 import pytest
 import requests
-from modelserve import devstack, release
+from modelserve import release
 from ms_support import FakeTaskLayer, make_settings
 
 APP = Path(__file__).resolve().parents[1]

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import ms_devstack as devstack
 import pytest
-from modelserve import devstack
 from modelserve.client import ServiceUnavailable
 from modelserve.config import load_settings
-from modelserve.protocol import TASK_MODEL_INFO, TASK_PREDICT_NAIVE
+from modelserve.protocol import TASK_MODEL_INFO
+from modelserve.wire import labels
 
 
 class FakeTaskLayer:
@@ -27,7 +28,7 @@ class FakeTaskLayer:
         return {
             "model_version": self.version,
             "probabilities": probs,
-            "labels": [int(p >= 0.5) for p in probs],
+            "labels": labels(probs),
         }
 
     def call(self, task, args, timeout=None):
@@ -42,8 +43,6 @@ class FakeTaskLayer:
                 "loaded_at": "now",
                 "worker": "fake",
             }
-        if task == TASK_PREDICT_NAIVE:
-            return self.predict(args[0])
         raise AssertionError(task)
 
     def broker_reachable(self):

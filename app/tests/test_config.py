@@ -13,7 +13,7 @@ def test_defaults_need_only_the_broker():
     assert s.bind == "127.0.0.1:8080"
     assert s.max_batch_rows == 1000
     assert s.task_queue == "modelserve.predict"
-    assert s.naive is False
+    assert s.access_log is False
 
 
 def test_broker_url_is_required_and_has_no_default():
@@ -58,7 +58,7 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
         ("MODELSERVE_WEB_WORKERS", "0"),
         ("MODELSERVE_TASK_TIMEOUT", "-1"),
         ("MODELSERVE_TASK_TIMEOUT", "nan"),
-        ("MODELSERVE_NAIVE", "maybe"),
+        ("MODELSERVE_ACCESS_LOG", "maybe"),
         ("MODELSERVE_WORKER_POOL", "gevent"),
         ("MODELSERVE_WORKER_POOL", "solo"),
     ],

@@ -6,11 +6,12 @@ import threading
 import time
 from collections import Counter
 
+import ms_devstack as devstack
 import pytest
 import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from modelserve import devstack, release
+from modelserve import release
 from ms_support import requires_rabbitmq
 
 pytestmark = [pytest.mark.integration, requires_rabbitmq]

@@ -1,9 +1,13 @@
 import os
+import sys
 import time
+from pathlib import Path
 
+import ms_devstack as devstack
 import pytest
-from modelserve import devstack, release
-from modelserve.model import LoadedModel, ModelHolder, ModelUnavailable, TFLiteModel
+from modelserve import release
+from modelserve.litert import TFLiteModel
+from modelserve.model import LoadedModel, ModelHolder, ModelUnavailable
 
 ROWS = [[6, 148, 72, 35, 0, 33.6, 0.627, 50], [1, 85, 66, 29, 0, 26.6, 0.351, 31]]
 
@@ -60,34 +64,60 @@ def test_holder_without_release_raises(tmp_path):
         ModelHolder(tmp_path).get()
 
 
-def test_worker_task_uses_the_holder(model_dir, monkeypatch):
-    from modelserve import worker
+def test_worker_tasks_use_the_holder(model_dir):
+    from modelserve.protocol import TASK_MODEL_INFO, TASK_PREDICT
+    from modelserve.worker import create_celery_app
+    from ms_support import make_settings
 
-    monkeypatch.setattr(worker, "_holder", ModelHolder(model_dir))
-    monkeypatch.setattr(worker, "_holder_pid", os.getpid())
-    out = worker.predict.run(ROWS)
+    app = create_celery_app(make_settings(MODELSERVE_MODEL_DIR=str(model_dir)))
+    predict, model_info = app.tasks[TASK_PREDICT], app.tasks[TASK_MODEL_INFO]
+    out = predict.run(ROWS)
     assert out["model_version"] == "1.0.0"
     assert out["labels"] == [1, 0]
     assert out["worker"].endswith(f":{os.getpid()}")
-    info = worker.model_info.run()
+    assert app.modelserve_models.get() is app.modelserve_models.get()  # loaded once per process
+    info = model_info.run()
     assert info["loaded"] is True and info["version"] == "1.0.0"
     with pytest.raises(ValueError, match="8-number"):
-        worker.predict.run([[1, 2]])
+        predict.run([[1, 2]])
 
 
-def test_worker_command_line():
+def test_worker_app_factory_and_command_line():
     from modelserve import worker
+    from ms_support import make_settings
 
-    argv = worker.celery_argv(["--extra"])
+    settings = make_settings(MODELSERVE_TASK_QUEUE="q1", MODELSERVE_WORKER_PREFETCH="7")
+    app = worker.create_celery_app(settings)
+    assert app.conf.task_acks_late is True
+    assert app.conf.task_reject_on_worker_lost is True
+    assert app.conf.task_default_queue == "q1" and app.conf.worker_prefetch_multiplier == 7
+    # another app's tasks stay its own (shared=False)
+    assert (
+        worker.create_celery_app(make_settings()).tasks["modelserve.predict"]
+        is not app.tasks["modelserve.predict"]
+    )
+    argv = worker.celery_argv(settings, ["--extra"])
     assert argv[1:5] == ["-m", "celery", "-A", "modelserve.worker"]
     assert "--without-gossip" in argv and argv[-1] == "--extra"
-    assert worker.app.conf.task_acks_late is True
-    assert worker.app.conf.task_reject_on_worker_lost is True
+    assert argv[argv.index("--queues") + 1] == "q1"
+
+
+def test_celery_finds_the_worker_app_built_from_the_environment(monkeypatch):
+    from celery.app.utils import find_app
+
+    monkeypatch.setenv("MODELSERVE_TASK_QUEUE", "from-env")
+    monkeypatch.delitem(sys.modules, "modelserve.worker", raising=False)
+    import modelserve.worker
+
+    assert "app" not in vars(modelserve.worker)  # importing the module configured nothing
+    app = find_app("modelserve.worker")  # what `celery -A modelserve.worker` does
+    assert app is modelserve.worker.app
+    assert app.conf.task_default_queue == "from-env"
+    assert {"modelserve.predict", "modelserve.model_info"} <= set(app.tasks)
 
 
 def test_worker_and_web_do_not_import_tensorflow():
     import subprocess
-    import sys
 
     code = (
         "import sys, modelserve.worker, modelserve.web, modelserve.client;"
@@ -98,3 +128,15 @@ def test_worker_and_web_do_not_import_tensorflow():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     code = "import sys, modelserve.web; sys.exit('ai_edge_litert' in sys.modules or 'numpy' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], env=env, timeout=60).returncode == 0
+
+
+def test_the_package_has_no_code_path_that_loads_model_keras():
+    """Serving hosts never load model.keras: only the training module may touch Keras at all."""
+    import modelserve
+
+    package = Path(modelserve.__file__).parent
+    for source in sorted(package.glob("*.py")):
+        text = source.read_text(encoding="utf-8")
+        assert "load_model" not in text, source.name
+        if source.name != "train.py":
+            assert "import keras" not in text and "import tensorflow" not in text, source.name

@@ -2,12 +2,15 @@
 
 import base64
 import os
+import queue
 import threading
+from collections import deque
 
 import pytest
 from modelserve.client import ServiceUnavailable, TaskClient, _Call, _Pending
 from modelserve.model import LoadedModel
-from modelserve.protocol import TASK_PREDICT, pack_rows, task_message, unpack_floats
+from modelserve.protocol import TASK_PREDICT, task_message
+from modelserve.wire import DEFAULT_THRESHOLD, labels, pack_rows, read_answer, unpack_floats, unpack_rows
 from ms_support import make_settings
 
 ROWS = [
@@ -23,6 +26,21 @@ def test_pack_roundtrip_is_float32_exact():
     assert values[:8] == pytest.approx(ROWS[0], rel=1e-6)
     with pytest.raises(ValueError):
         unpack_floats(base64.b64encode(b"abc").decode())
+
+
+def test_the_label_rule_and_both_answer_forms():
+    assert DEFAULT_THRESHOLD == 0.5
+    assert labels([0.2, 0.5, 0.9]) == [0, 1, 1]  # the threshold itself is positive
+    assert labels([0.2, 0.5, 0.9], threshold=0.95) == [0, 0, 0]
+    packed = {"model_version": "2.0.0", "threshold": 0.25, "p32": pack_rows([[0.1, 0.3]])}
+    version, probs, labs = read_answer(packed)
+    assert version == "2.0.0" and probs == pytest.approx([0.1, 0.3]) and labs == [0, 1]
+    as_lists = {"model_version": "2.0.0", "probabilities": [0.7], "labels": [1]}
+    assert read_answer(as_lists) == ("2.0.0", [0.7], [1])
+    with pytest.raises(ValueError, match="multiple of 8"):
+        unpack_rows(base64.b64encode(b"\0" * 12).decode())
+    with pytest.raises(ValueError, match="non-empty"):
+        unpack_rows("")
 
 
 def test_celery_message_shape():
@@ -90,3 +108,23 @@ def test_expired_requests_are_swept():
     client._sweep()
     assert client._pending == {}
     assert call.error is not None and call.error.kind == "timeout"
+
+
+def test_a_batch_takes_waiting_predict_calls_up_to_the_row_limit():
+    client = _client()
+    client.settings = make_settings(MODELSERVE_BATCH_MAX_ROWS="4")
+    client._queue = queue.SimpleQueue()
+    first, second, info, third, fourth = (
+        _Call(TASK_PREDICT, rows=ROWS[:1]),
+        _Call(TASK_PREDICT, rows=ROWS[:2]),
+        _Call("modelserve.model_info", args=[]),
+        _Call(TASK_PREDICT, rows=ROWS[:2]),
+        _Call(TASK_PREDICT, rows=ROWS[:1]),
+    )
+    for call in (second, info, third, fourth):
+        client._queue.put(call)
+    carry: deque = deque()
+    batch, rows = client._gather_batch(first, carry)
+    assert batch == [first, second] and rows == 3
+    assert list(carry) == [info, third]  # the other task waits its turn; third would exceed 4 rows
+    assert client._queue.get_nowait() is fourth  # not taken: the batch was closed at third

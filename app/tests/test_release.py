@@ -1,8 +1,9 @@
 import json
 import os
 
+import ms_devstack as devstack
 import pytest
-from modelserve import devstack, release
+from modelserve import release
 from modelserve.release import ReleaseError, activate, current_version, list_releases, main, rollback
 
 

@@ -79,12 +79,6 @@ def test_index_page_is_self_contained(client):
     assert js.status_code == 200 and 'fetch("/api/v1/predict"' in js.get_data(as_text=True)
 
 
-def test_naive_mode_routes_to_the_naive_task(fake_tasks):
-    c = create_app(make_settings(MODELSERVE_NAIVE="1"), tasks=fake_tasks).test_client()
-    assert c.post("/api/v1/predict", json={"row": [1, 100, 3, 4, 5, 6, 0.1, 8]}).status_code == 200
-    assert fake_tasks.calls[-2][0] == "modelserve.predict_naive"
-
-
 def test_gunicorn_command_line():
     argv = gunicorn_argv(make_settings(MODELSERVE_BIND="127.0.0.1:9999", MODELSERVE_WEB_WORKERS="3"), [])
     assert argv[1:3] == ["-m", "gunicorn"]

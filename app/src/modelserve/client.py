@@ -6,7 +6,8 @@ One :class:`TaskClient` per web process, started lazily (so it is created after 
 * the *batcher* thread owns the publishing connection. It takes the first waiting request, waits
   for a free in-flight slot (at most ``MODELSERVE_BATCH_MAX_INFLIGHT`` tasks per process — while
   it waits, concurrent requests pile up), then sends everything queued (up to
-  ``MODELSERVE_BATCH_MAX_ROWS`` rows) as ONE ``modelserve.predict`` task;
+  ``MODELSERVE_BATCH_MAX_ROWS`` rows, see :meth:`TaskClient._gather_batch`) as ONE
+  ``modelserve.predict`` task;
 * the *reply* thread owns a second connection consuming a private exclusive reply queue; the
   worker's rpc result backend answers there with ``correlation_id`` = task id, and the reply
   thread fans the probabilities back out to the waiting requests.
@@ -34,14 +35,8 @@ from kombu import Connection, Consumer, Producer, Queue
 
 from modelserve.config import Settings
 from modelserve.metrics import Metrics
-from modelserve.protocol import (
-    TASK_PREDICT,
-    pack_rows,
-    task_exchange,
-    task_message,
-    task_queue,
-    unpack_floats,
-)
+from modelserve.protocol import TASK_PREDICT, task_message, task_producer, task_queue
+from modelserve.wire import pack_rows, read_answer
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +121,7 @@ class TaskClient:
         return self._submit(_Call(TASK_PREDICT, rows=rows), timeout)
 
     def call(self, task: str, args: list[Any], timeout: float | None = None) -> Any:
-        """One task, not batched (model info, the naive mode)."""
+        """One task, not batched (model info)."""
         return self._submit(_Call(task, args=args), timeout)
 
     def _submit(self, call: _Call, timeout: float | None) -> Any:
@@ -149,8 +144,6 @@ class TaskClient:
 
     def _batch_loop(self) -> None:
         carry: deque[_Call] = deque()
-        max_rows = self.settings.batch_max_rows
-        wait = self.settings.batch_wait_ms / 1000.0
         while not self._stop.is_set():
             first = carry.popleft() if carry else self._queue.get()
             if first is None:
@@ -160,31 +153,36 @@ class TaskClient:
                 continue
             # Nagle-style: while all in-flight slots are busy, more requests queue up behind us.
             slot = self._slots.acquire(timeout=self.settings.task_timeout)
-            batch, rows = [first], len(first.rows or [])
-            deadline = time.monotonic() + wait
-            while rows < max_rows:
-                try:
-                    remaining = deadline - time.monotonic()
-                    nxt = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
-                except queue.Empty:
+            batch, rows = self._gather_batch(first, carry)
+            packed = pack_rows([r for call in batch for r in call.rows or []])
+            self._send(TASK_PREDICT, [packed], batch, slot=slot, rows=rows)
+
+    def _gather_batch(self, first: _Call, carry: deque[_Call]) -> tuple[list[_Call], int]:
+        """Where a prediction batch is formed: ``first`` and the predict calls queued behind it.
+
+        Up to ``batch_max_rows`` rows, waiting at most ``batch_wait_ms`` for more. A call that does
+        not fit, and any other task met on the way, is left in ``carry`` for the next round.
+        Returns the calls (in arrival order, the order of their rows in the task) and the row count.
+        """
+        batch, rows = [first], len(first.rows or [])
+        deadline = time.monotonic() + self.settings.batch_wait_ms / 1000.0
+        while rows < self.settings.batch_max_rows:
+            try:
+                remaining = deadline - time.monotonic()
+                nxt = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is None:
+                self._stop.set()
+                break
+            if nxt.task != TASK_PREDICT or rows + len(nxt.rows or []) > self.settings.batch_max_rows:
+                carry.append(nxt)
+                if nxt.task == TASK_PREDICT:
                     break
-                if nxt is None:
-                    self._stop.set()
-                    break
-                if nxt.task != TASK_PREDICT or rows + len(nxt.rows or []) > max_rows:
-                    carry.append(nxt)
-                    if nxt.task == TASK_PREDICT:
-                        break
-                    continue
-                batch.append(nxt)
-                rows += len(nxt.rows or [])
-            self._send(
-                TASK_PREDICT,
-                [pack_rows([r for call in batch for r in call.rows])],
-                batch,
-                slot=slot,
-                rows=rows,
-            )
+                continue
+            batch.append(nxt)
+            rows += len(nxt.rows or [])
+        return batch, rows
 
     def _connect_publisher(self) -> Producer:
         if self._producer is not None:
@@ -200,9 +198,7 @@ class TaskClient:
             conn.connect()
             channel = conn.channel()
             task_queue(self.settings.task_queue)(channel).declare()
-            self._producer = Producer(
-                channel, exchange=task_exchange(self.settings.task_queue), serializer="json"
-            )
+            self._producer = task_producer(channel, self.settings.task_queue)
         except Exception as exc:
             self._publisher_failed(conn, exc)
             raise ServiceUnavailable(f"broker unreachable: {self._last_error}", "broker") from None
@@ -230,22 +226,14 @@ class TaskClient:
             return
         reply_to = self._reply_to or ""
         timeout = self.settings.task_timeout
-        task_id, headers, properties, body = task_message(task, args, reply_to=reply_to)
+        message = task_message(task, args, reply_to=reply_to)
         with self._lock:
-            self._pending[task_id] = _Pending(task, calls, slot, timeout)
+            self._pending[message.id] = _Pending(task, calls, slot, timeout)
         try:
-            producer.publish(
-                body,
-                routing_key=self.settings.task_queue,
-                headers=headers,
-                delivery_mode=1,
-                expiration=timeout,
-                retry=False,
-                **properties,
-            )
+            message.publish(producer, self.settings.task_queue, ttl=timeout)
         except Exception as exc:
             self._publisher_failed(self._pub, exc)
-            self._finish(task_id, ServiceUnavailable(f"broker unreachable: {self._last_error}", "broker"))
+            self._finish(message.id, ServiceUnavailable(f"broker unreachable: {self._last_error}", "broker"))
             return
         if task == TASK_PREDICT:
             self.metrics.batch_rows.observe(rows, task)
@@ -317,13 +305,7 @@ class TaskClient:
             pending.calls[0].event.set()
             return
         try:
-            version = outcome["model_version"]
-            if "p32" in outcome:
-                probs = unpack_floats(outcome["p32"])
-                threshold = float(outcome.get("threshold", 0.5))
-                labels = [int(p >= threshold) for p in probs]
-            else:
-                probs, labels = outcome["probabilities"], outcome["labels"]
+            version, probs, labels = read_answer(outcome)
             start = 0
             for call in pending.calls:
                 n = len(call.rows or [])

@@ -43,30 +43,26 @@ def parse_env_file(text: str, source: str = "<config>") -> dict[str, str]:
     return values
 
 
-def _int(values: Mapping[str, str], key: str, default: int, minimum: int = 1) -> int:
+def _number(values: Mapping[str, str], key: str, default: float, minimum: float, kind: type) -> float:
     raw = values.get(key, "")
     if raw == "":
         return default
+    what = "an integer" if kind is int else "a finite number"
     try:
-        value = int(raw)
+        value = kind(raw)
     except ValueError:
-        raise ConfigError(f"{key} must be an integer, got {raw!r}") from None
-    if value < minimum:
-        raise ConfigError(f"{key} must be >= {minimum}, got {value}")
+        raise ConfigError(f"{key} must be {what}, got {raw!r}") from None
+    if not value >= minimum or value == float("inf"):  # also refuses NaN
+        raise ConfigError(f"{key} must be {what} >= {minimum:g}, got {raw!r}")
     return value
+
+
+def _int(values: Mapping[str, str], key: str, default: int, minimum: int = 1) -> int:
+    return int(_number(values, key, default, minimum, int))
 
 
 def _float(values: Mapping[str, str], key: str, default: float, minimum: float = 0.0) -> float:
-    raw = values.get(key, "")
-    if raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{key} must be a number, got {raw!r}") from None
-    if not value >= minimum or value == float("inf"):
-        raise ConfigError(f"{key} must be a finite number >= {minimum}, got {raw!r}")
-    return value
+    return _number(values, key, default, minimum, float)
 
 
 def _bool(values: Mapping[str, str], key: str, default: bool) -> bool:
@@ -102,7 +98,6 @@ class Settings:
     task_max_retries: int
     task_time_limit: float
     worker_prefetch: int
-    naive: bool
     access_log: bool
 
     def describe(self) -> dict[str, object]:
@@ -174,6 +169,5 @@ def load_settings(environ: Mapping[str, str] | None = None, *, require_broker: b
         task_max_retries=_int(values, "MODELSERVE_TASK_MAX_RETRIES", 3, minimum=0),
         task_time_limit=_float(values, "MODELSERVE_TASK_TIME_LIMIT", 30.0, minimum=1.0),
         worker_prefetch=_int(values, "MODELSERVE_WORKER_PREFETCH", 4),
-        naive=_bool(values, "MODELSERVE_NAIVE", False),
         access_log=_bool(values, "MODELSERVE_ACCESS_LOG", False),
     )

@@ -1,4 +1,7 @@
-"""Serving-side model: LiteRT inference and hot switching between releases (numpy + LiteRT only)."""
+"""Serving-side model: a release answering predict tasks, and hot switching between releases.
+
+numpy + LiteRT only. Depends on :mod:`modelserve.release` (never the other way round).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from modelserve import wire
 from modelserve.features import N_FEATURES
+from modelserve.litert import TFLiteModel
 from modelserve.release import CURRENT, read_metadata, validate_release
 
 log = logging.getLogger(__name__)
@@ -22,79 +27,31 @@ class ModelUnavailable(RuntimeError):
     """No release is active, or the active one cannot be loaded."""
 
 
-def _interpreter(path: Path):
-    from ai_edge_litert.interpreter import Interpreter
+class Predictor:
+    """Answers the predict tasks for one release; a subclass says how it computes probabilities."""
 
-    return Interpreter(model_path=str(path), num_threads=1)
-
-
-class TFLiteModel:
-    """One LiteRT interpreter; resizes its input to the batch size (thread-safe via a lock)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self._interp = _interpreter(self.path)
-        inp = self._interp.get_input_details()
-        out = self._interp.get_output_details()
-        if len(inp) != 1 or len(out) != 1:
-            raise ValueError(f"expected 1 input and 1 output tensor, got {len(inp)} and {len(out)}")
-        if list(inp[0]["shape"])[-1] != N_FEATURES:
-            raise ValueError(f"input shape {list(inp[0]['shape'])} does not end in {N_FEATURES}")
-        self._in = inp[0]["index"]
-        self._out = out[0]["index"]
-        self._rows = -1
-        self._lock = threading.Lock()
-
-    def predict(self, rows: Any) -> list[float]:
-        x = np.asarray(rows, dtype=np.float32).reshape(-1, N_FEATURES)
-        n = x.shape[0]
-        if n == 0:
-            return []
-        with self._lock:
-            if n != self._rows:
-                self._interp.resize_tensor_input(self._in, [n, N_FEATURES], strict=False)
-                self._interp.allocate_tensors()
-                self._rows = n
-            self._interp.set_tensor(self._in, x)
-            self._interp.invoke()
-            y = self._interp.get_tensor(self._out)
-        return [float(p) for p in y.reshape(n)]
-
-
-class LoadedModel:
-    def __init__(self, release_dir: Path, *, validate: bool = True) -> None:
+    def __init__(self, release_dir: Path, metadata: dict[str, Any]) -> None:
         self.release_dir = Path(release_dir)
-        meta = validate_release(self.release_dir, load=False) if validate else read_metadata(release_dir)
-        self.metadata = meta
-        self.version: str = meta["version"]
-        self.threshold = float(meta.get("threshold", 0.5))
-        self.model = TFLiteModel(self.release_dir / "model.tflite")
+        self.metadata = metadata
+        self.version: str = metadata["version"]
+        self.threshold = float(metadata.get("threshold", wire.DEFAULT_THRESHOLD))
         self.loaded_at = datetime.now(UTC).isoformat(timespec="seconds")
 
+    def probabilities(self, x: np.ndarray) -> np.ndarray:
+        """float32 probabilities of an (n, 8) float32 matrix."""
+        raise NotImplementedError
+
     def predict(self, rows: Any) -> dict[str, Any]:
-        probs = self.model.predict(rows)
-        return {
-            "model_version": self.version,
-            "probabilities": [round(p, 6) for p in probs],
-            "labels": [int(p >= self.threshold) for p in probs],
-        }
+        """Rows as 8-number lists in, probabilities and labels as JSON lists out."""
+        x = np.asarray(rows, dtype=np.float32).reshape(-1, N_FEATURES)
+        return wire.list_answer(self.version, self.threshold, self.probabilities(x))
 
     def predict_packed(self, rows_b64: str) -> dict[str, Any]:
-        """Rows as base64 float32 (protocol.pack_rows) in, probabilities as base64 float32 out."""
-        import base64
-
-        raw = base64.b64decode(rows_b64, validate=True)
-        if not raw or len(raw) % (4 * N_FEATURES):
-            raise ValueError(f"packed rows must be a non-empty multiple of {N_FEATURES} float32 values")
-        x = np.frombuffer(raw, dtype=np.float32).reshape(-1, N_FEATURES)
+        """Rows as base64 float32 in (what the web sends), probabilities the same way out."""
+        x = np.frombuffer(wire.unpack_rows(rows_b64), dtype=np.float32).reshape(-1, N_FEATURES)
         if not np.isfinite(x).all():
             raise ValueError("packed rows contain NaN or infinity")
-        probs = np.asarray(self.model.predict(x), dtype=np.float32)
-        return {
-            "model_version": self.version,
-            "threshold": self.threshold,
-            "p32": base64.b64encode(probs.tobytes()).decode("ascii"),
-        }
+        return wire.packed_answer(self.version, self.threshold, self.probabilities(x))
 
     def info(self) -> dict[str, Any]:
         return {
@@ -106,6 +63,18 @@ class LoadedModel:
             "release_dir": str(self.release_dir),
             "threshold": self.threshold,
         }
+
+
+class LoadedModel(Predictor):
+    """A release's model.tflite, validated and loaded once."""
+
+    def __init__(self, release_dir: Path, *, validate: bool = True) -> None:
+        meta = validate_release(release_dir, load=False) if validate else read_metadata(release_dir)
+        super().__init__(release_dir, meta)
+        self.model = TFLiteModel(self.release_dir / "model.tflite")
+
+    def probabilities(self, x: np.ndarray) -> np.ndarray:
+        return self.model.predict(x)
 
 
 class ModelHolder:

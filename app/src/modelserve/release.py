@@ -109,7 +109,7 @@ def validate_release(release_dir: Path, *, load: bool = True) -> dict[str, Any]:
 
 def _check_tflite(path: Path) -> list[str]:
     try:
-        from modelserve.model import TFLiteModel
+        from modelserve.litert import TFLiteModel
     except ImportError as exc:  # pragma: no cover - depends on the install
         return [f"cannot check model.tflite: {exc} (install modelserve[worker])"]
     try:

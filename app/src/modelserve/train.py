@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from modelserve.features import FEATURES, N_FEATURES
+from modelserve.litert import TFLiteModel
 from modelserve.release import SEMVER, sha256_file, validate_release
+from modelserve.wire import DEFAULT_THRESHOLD, labels
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "data" / "pima-indians-diabetes.csv"
 
@@ -142,11 +144,9 @@ def train(
     export_tflite(model, work / "model.tflite")
 
     probs = model.predict(x_test, verbose=0).reshape(-1)
-    from modelserve.model import TFLiteModel
-
     lite_probs = np.array(TFLiteModel(work / "model.tflite").predict(x_test))
     metrics = {
-        "heldout_accuracy": round(float(((probs >= 0.5) == (y_test == 1)).mean()), 4),
+        "heldout_accuracy": round(float((np.array(labels(probs)) == y_test).mean()), 4),
         "heldout_auc": round(roc_auc(y_test, probs), 4),
         "heldout_rows": len(test_idx),
         "train_rows": len(train_idx),
@@ -161,7 +161,7 @@ def train(
         "features": list(FEATURES),
         "input": {"name": "features", "shape": [None, N_FEATURES], "dtype": "float32"},
         "output": {"name": "probability", "shape": [None, 1], "dtype": "float32"},
-        "threshold": 0.5,
+        "threshold": DEFAULT_THRESHOLD,
         "metrics": metrics,
         "training": {
             "data_file": Path(data).name,

@@ -1,27 +1,33 @@
 """Flask web tier (app factory ``modelserve.web:create_app``), served by gunicorn only.
 
-Imports neither TensorFlow nor LiteRT: predictions are computed by the Celery workers, reached
-through :class:`modelserve.client.TaskClient` (micro-batching over RabbitMQ).
+Three blueprints: ``api`` (predict, model, OpenAPI document), ``ops`` (health, readiness, metrics,
+and the per-request counters) and ``page`` (the human page). They reach the process's settings,
+task layer and metrics through :func:`services`. Imports neither TensorFlow nor LiteRT:
+predictions are computed by the Celery workers, reached through
+:class:`modelserve.client.TaskClient` (micro-batching over RabbitMQ).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Protocol
 
-from flask import Flask, Response, g, request
+from flask import Blueprint, Flask, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException
 
 from modelserve import __version__
+from modelserve.client import ServiceUnavailable, TaskClient
 from modelserve.config import ConfigError, Settings, load_settings
 from modelserve.features import FEATURES, InputError, parse_json_body, validate_request
 from modelserve.metrics import Metrics
-from modelserve.protocol import TASK_MODEL_INFO, TASK_PREDICT_NAIVE
+from modelserve.protocol import TASK_MODEL_INFO
 
 
 class TaskLayer(Protocol):
@@ -34,17 +40,7 @@ class TaskLayer(Protocol):
     def broker_reachable(self) -> tuple[bool, str]: ...
 
 
-def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(
-        json.dumps(body, separators=(",", ":")), status=status, mimetype="application/json", headers=headers
-    )
-
-
-def _static(name: str) -> bytes:
-    return resources.files("modelserve").joinpath(name).read_bytes()
-
-
-class _Readiness:
+class Readiness:
     """Cached readiness probe (one probe at a time, result reused for ready_cache_seconds)."""
 
     def __init__(self, settings: Settings, tasks: TaskLayer) -> None:
@@ -64,8 +60,6 @@ class _Readiness:
         return self._value
 
     def _probe(self) -> tuple[int, dict[str, Any]]:
-        from modelserve.client import ServiceUnavailable
-
         checks: dict[str, Any] = {"broker": False, "worker": False, "model": False}
         reasons: list[str] = []
         ok, why = self.tasks.broker_reachable()
@@ -92,121 +86,171 @@ class _Readiness:
         return 200, body
 
 
+@dataclass(frozen=True)
+class Services:
+    """What the blueprints share within one app (one gunicorn process)."""
+
+    settings: Settings
+    tasks: TaskLayer
+    metrics: Metrics
+    readiness: Readiness
+
+
+def services() -> Services:
+    return current_app.extensions["modelserve"]
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        json.dumps(body, separators=(",", ":")), status=status, mimetype="application/json", headers=headers
+    )
+
+
+@functools.cache
+def _static(name: str) -> bytes:
+    return resources.files("modelserve").joinpath(name).read_bytes()
+
+
+def _unavailable(exc: ServiceUnavailable) -> Response:
+    services().metrics.unavailable.inc(exc.kind)
+    return _json({"error": f"service unavailable: {exc.reason}"}, 503, {"Retry-After": "1"})
+
+
+# --- api: predictions and the model ------------------------------------------------------------
+
+api = Blueprint("api", __name__, url_prefix="/api/v1")
+
+
+@api.post("/predict")
+def predict() -> Response:
+    s = services()
+    try:
+        body = parse_json_body(request.get_data(cache=False))
+        rows, single = validate_request(body, s.settings.max_batch_rows)
+    except InputError as exc:
+        return _json(exc.to_json(), exc.status)
+    try:
+        result = s.tasks.predict(rows)
+    except ServiceUnavailable as exc:
+        return _unavailable(exc)
+    version = result["model_version"]
+    s.metrics.predictions.inc(version, amount=len(rows))
+    # Built as text: for big batches this is several times faster than json.dumps of dicts.
+    preds = [
+        f'{{"probability":{p:.6g},"label":{label}}}'
+        for p, label in zip(result["probabilities"], result["labels"], strict=True)
+    ]
+    text = f'{{"model_version":{json.dumps(version)},"predictions":[{",".join(preds)}]'
+    if single:
+        text += f',"prediction":{preds[0]}'
+    worker = result.get("worker")
+    return Response(
+        text + "}",
+        mimetype="application/json",
+        headers={"X-Modelserve-Worker": worker} if worker else None,
+    )
+
+
+@api.get("/model")
+def model() -> Response:
+    try:
+        info = services().tasks.call(TASK_MODEL_INFO, [])
+    except ServiceUnavailable as exc:
+        return _unavailable(exc)
+    if not info.get("loaded"):
+        return _json({"error": f"worker {info.get('worker')} has no model: {info.get('error')}"}, 503)
+    info["features"] = info.get("features") or list(FEATURES)
+    return _json(info)
+
+
+@api.get("/openapi.json")
+def openapi_doc() -> Response:
+    return Response(_static("openapi.json"), mimetype="application/json")
+
+
+# --- ops: health, readiness, metrics -----------------------------------------------------------
+
+ops = Blueprint("ops", __name__)
+
+
+@ops.before_app_request
+def _start_timer() -> None:
+    g.t0 = time.perf_counter()
+
+
+@ops.after_app_request
+def _count(response: Response) -> Response:
+    metrics = services().metrics
+    rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+    metrics.requests.inc(rule, request.method, str(response.status_code))
+    t0 = g.get("t0")
+    if t0 is not None:
+        metrics.latency.observe(time.perf_counter() - t0, rule)
+    return response
+
+
+@ops.get("/healthz")
+def healthz() -> Response:
+    return _json({"status": "ok", "pid": os.getpid(), "version": __version__})
+
+
+@ops.get("/readyz")
+def readyz() -> Response:
+    status, body = services().readiness.get()
+    return _json(body, status)
+
+
+@ops.get("/metrics")
+def prometheus() -> Response:
+    return Response(services().metrics.render(), mimetype="text/plain; version=0.0.4; charset=utf-8")
+
+
+# --- page: the human page ----------------------------------------------------------------------
+
+page = Blueprint("page", __name__)
+
+
+@page.get("/")
+def index() -> Response:
+    return Response(_static("static/index.html"), mimetype="text/html; charset=utf-8")
+
+
+@page.get("/static/app.js")
+def script() -> Response:
+    return Response(_static("static/app.js"), mimetype="text/javascript; charset=utf-8")
+
+
+# --- the app -----------------------------------------------------------------------------------
+
+
+def _http_error(exc: HTTPException) -> Response:
+    status = exc.code or 500
+    if status == 413:
+        body = {"error": f"request body too large (max {current_app.config['MAX_CONTENT_LENGTH']} bytes)"}
+    else:
+        body = {"error": exc.description or exc.name}
+    return _json(body, status)
+
+
+def _unexpected(exc: Exception) -> Response:  # pragma: no cover - last resort, logged
+    current_app.logger.exception("unhandled error")
+    return _json({"error": "internal error"}, 500)
+
+
 def create_app(settings: Settings | None = None, tasks: TaskLayer | None = None) -> Flask:
     settings = settings or load_settings()
     metrics = Metrics()
     if tasks is None:
-        from modelserve.client import TaskClient
-
         tasks = TaskClient(settings, metrics)
     app = Flask(__name__, static_folder=None)
     # A bound on the body too: rows * ~150 bytes of JSON each, plus slack.
     app.config["MAX_CONTENT_LENGTH"] = max(64 * 1024, settings.max_batch_rows * 400)
-    app.extensions["modelserve"] = {"settings": settings, "tasks": tasks, "metrics": metrics}
-    readiness = _Readiness(settings, tasks)
-    openapi = json.loads(_static("openapi.json"))
-    index_html = _static("static/index.html")
-    app_js = _static("static/app.js")
-
-    @app.before_request
-    def _start() -> None:
-        g.t0 = time.perf_counter()
-
-    @app.after_request
-    def _count(response: Response) -> Response:
-        rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        metrics.requests.inc(rule, request.method, str(response.status_code))
-        t0 = g.get("t0")
-        if t0 is not None:
-            metrics.latency.observe(time.perf_counter() - t0, rule)
-        return response
-
-    @app.errorhandler(HTTPException)
-    def _http_error(exc: HTTPException) -> Response:
-        status = exc.code or 500
-        if status == 413:
-            body = {"error": f"request body too large (max {app.config['MAX_CONTENT_LENGTH']} bytes)"}
-        else:
-            body = {"error": exc.description or exc.name}
-        return _json(body, status)
-
-    @app.errorhandler(Exception)
-    def _unexpected(exc: Exception) -> Response:  # pragma: no cover - last resort, logged
-        app.logger.exception("unhandled error")
-        return _json({"error": "internal error"}, 500)
-
-    def unavailable(exc: Any) -> Response:
-        metrics.unavailable.inc(exc.kind)
-        return _json({"error": f"service unavailable: {exc.reason}"}, 503, {"Retry-After": "1"})
-
-    @app.post("/api/v1/predict")
-    def predict() -> Response:
-        from modelserve.client import ServiceUnavailable
-
-        try:
-            body = parse_json_body(request.get_data(cache=False))
-            rows, single = validate_request(body, settings.max_batch_rows)
-        except InputError as exc:
-            return _json(exc.to_json(), exc.status)
-        try:
-            result = tasks.call(TASK_PREDICT_NAIVE, [rows]) if settings.naive else tasks.predict(rows)
-        except ServiceUnavailable as exc:
-            return unavailable(exc)
-        version = result["model_version"]
-        metrics.predictions.inc(version, amount=len(rows))
-        # Built as text: for big batches this is several times faster than json.dumps of dicts.
-        preds = [
-            f'{{"probability":{p:.6g},"label":{label}}}'
-            for p, label in zip(result["probabilities"], result["labels"], strict=True)
-        ]
-        text = f'{{"model_version":{json.dumps(version)},"predictions":[{",".join(preds)}]'
-        if single:
-            text += f',"prediction":{preds[0]}'
-        worker = result.get("worker")
-        return Response(
-            text + "}",
-            mimetype="application/json",
-            headers={"X-Modelserve-Worker": worker} if worker else None,
-        )
-
-    @app.get("/api/v1/model")
-    def model() -> Response:
-        from modelserve.client import ServiceUnavailable
-
-        try:
-            info = tasks.call(TASK_MODEL_INFO, [])
-        except ServiceUnavailable as exc:
-            return unavailable(exc)
-        if not info.get("loaded"):
-            return _json({"error": f"worker {info.get('worker')} has no model: {info.get('error')}"}, 503)
-        info["features"] = info.get("features") or list(FEATURES)
-        return _json(info)
-
-    @app.get("/healthz")
-    def healthz() -> Response:
-        return _json({"status": "ok", "pid": os.getpid(), "version": __version__})
-
-    @app.get("/readyz")
-    def readyz() -> Response:
-        status, body = readiness.get()
-        return _json(body, status)
-
-    @app.get("/metrics")
-    def prometheus() -> Response:
-        return Response(metrics.render(), mimetype="text/plain; version=0.0.4; charset=utf-8")
-
-    @app.get("/api/v1/openapi.json")
-    def openapi_doc() -> Response:
-        return _json(openapi)
-
-    @app.get("/")
-    def index() -> Response:
-        return Response(index_html, mimetype="text/html; charset=utf-8")
-
-    @app.get("/static/app.js")
-    def script() -> Response:
-        return Response(app_js, mimetype="text/javascript; charset=utf-8")
-
+    app.extensions["modelserve"] = Services(settings, tasks, metrics, Readiness(settings, tasks))
+    for blueprint in (api, ops, page):
+        app.register_blueprint(blueprint)
+    # Every error is JSON, on every path (also 404/405 outside the blueprints).
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _unexpected)
     return app
 
 

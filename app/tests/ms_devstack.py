@@ -1,4 +1,4 @@
-"""A private local stack for tests and the benchmark (never used in production).
+"""A private local stack for the app's tests and ``bench/bench_app.py`` (not part of the package).
 
 Starts its own RabbitMQ node (own node name, ports, epmd, data/log dirs and Erlang cookie under a
 temporary directory; a random non-guest user), Celery workers and gunicorn, all bound to
@@ -8,6 +8,7 @@ temporary directory; a random non-guest user), Celery workers and gunicorn, all 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -18,6 +19,9 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+import modelserve
+from modelserve.release import MODEL_FILES
 
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 RABBITMQCTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"
@@ -118,12 +122,16 @@ class RabbitMQ:
         else:
             self.stop()
             raise RuntimeError(f"rabbitmq-server did not listen on {self.port} within {timeout}s")
-        self.ctl("await_startup", timeout=timeout)
-        self.ctl("add_vhost", self.vhost)
-        self.ctl("add_user", self.user, self.password)
-        self.ctl("set_permissions", "-p", self.vhost, self.user, ".*", ".*", ".*")
-        with contextlib.suppress(RuntimeError):
-            self.ctl("delete_user", "guest")
+        try:
+            self.ctl("await_startup", timeout=timeout)
+            self.ctl("add_vhost", self.vhost)
+            self.ctl("add_user", self.user, self.password)
+            self.ctl("set_permissions", "-p", self.vhost, self.user, ".*", ".*", ".*")
+            with contextlib.suppress(RuntimeError):
+                self.ctl("delete_user", "guest")
+        except BaseException:
+            self.stop()  # a node that came up half-way (e.g. rabbitmqctl timed out) is not left running
+            raise
         return self
 
     def stop(self) -> None:
@@ -146,9 +154,11 @@ class RabbitMQ:
 
 def stack_env(broker_url: str, model_dir: Path, bind: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELSERVE_")}
-    # Subprocesses import this same modelserve, installed or not (e.g. a checkout on sys.path).
-    src = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
+    # Subprocesses import this same modelserve, installed or not (e.g. a checkout on sys.path),
+    # and the support modules beside this one (the naive worker).
+    src = str(Path(modelserve.__file__).resolve().parents[1])
+    paths = (src, str(Path(__file__).resolve().parent), env.get("PYTHONPATH", ""))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     env.update(
         MODELSERVE_BROKER_URL=broker_url,
         MODELSERVE_MODEL_DIR=str(model_dir),
@@ -175,6 +185,11 @@ def start_worker(env: dict[str, str], log: Path, *extra: str) -> subprocess.Pope
     return _start("modelserve.worker", env, log, *extra)
 
 
+def start_naive_worker(env: dict[str, str], log: Path, *extra: str) -> subprocess.Popen:
+    """The benchmark baseline (ms_naive): loads model.keras for every task; needs TensorFlow."""
+    return _start("ms_naive", env, log, *extra)
+
+
 def start_web(env: dict[str, str], log: Path, *extra: str) -> subprocess.Popen:
     return _start("modelserve.web", env, log, *extra)
 
@@ -184,7 +199,7 @@ def wait_http(url: str, timeout: float = 30, status: int = 200) -> None:
     last = ""
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - loopback test URL
+            with urllib.request.urlopen(url, timeout=2) as resp:
                 if resp.status == status:
                     return
                 last = str(resp.status)
@@ -216,14 +231,12 @@ def install_release(model_dir: Path, source: Path, version: str | None = None) -
     Relabelling rewrites only metadata.json's version: the model files and checksums are unchanged,
     so the copy validates; tests use it to get a second release without training again.
     """
-    import json
-
     meta = json.loads((Path(source) / "metadata.json").read_text(encoding="utf-8"))
     if version:
         meta["version"] = version
     dest = Path(model_dir) / "releases" / meta["version"]
     dest.mkdir(parents=True)
-    for name in ("model.keras", "model.tflite"):
+    for name in MODEL_FILES:
         shutil.copy2(Path(source) / name, dest / name)
     (dest / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return meta["version"]

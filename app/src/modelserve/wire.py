@@ -1,0 +1,82 @@
+"""What a prediction looks like between the web and the workers, and the probability -> label rule.
+
+Rows and probabilities travel as base64 float32 (what the model consumes anyway): encoding a
+500-row batch this way is ~20x cheaper than JSON numbers on both sides of the queue. The worker
+answers ``{"model_version", "threshold", "p32"}``; the web turns the probabilities into labels
+with :func:`labels`, the one place that rule lives. Pure Python (the web has no numpy).
+"""
+
+from __future__ import annotations
+
+import base64
+from array import array
+from collections.abc import Iterable, Mapping
+from itertools import chain
+from typing import Any
+
+from modelserve.features import N_FEATURES
+
+# The cut-off a release uses unless its metadata.json says otherwise.
+DEFAULT_THRESHOLD = 0.5
+
+
+def labels(probabilities: Iterable[float], threshold: float = DEFAULT_THRESHOLD) -> list[int]:
+    """1 where the probability reaches the release's threshold, else 0."""
+    return [int(p >= threshold) for p in probabilities]
+
+
+def _b64(raw: bytes | memoryview) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+def _float32(text: str) -> array:
+    raw = base64.b64decode(text, validate=True)
+    if len(raw) % 4:
+        raise ValueError("packed float32 data has a length that is not a multiple of 4")
+    values = array("f")
+    values.frombytes(raw)
+    return values
+
+
+def pack_floats(values: Iterable[float]) -> str:
+    return _b64(array("f", values).tobytes())
+
+
+def pack_rows(rows: list[list[float]]) -> str:
+    return pack_floats(chain.from_iterable(rows))
+
+
+def unpack_floats(text: str) -> list[float]:
+    return _float32(text).tolist()
+
+
+def unpack_rows(text: str) -> array:
+    """Packed rows as a flat float32 buffer (``numpy.frombuffer`` reads it without a copy)."""
+    values = _float32(text)
+    if not values or len(values) % N_FEATURES:
+        raise ValueError(f"packed rows must be a non-empty multiple of {N_FEATURES} float32 values")
+    return values
+
+
+def packed_answer(version: str, threshold: float, probabilities: Any) -> dict[str, Any]:
+    """The worker's answer; ``probabilities`` is anything with the buffer protocol holding float32."""
+    return {"model_version": version, "threshold": threshold, "p32": _b64(memoryview(probabilities))}
+
+
+def list_answer(version: str, threshold: float, probabilities: Iterable[float]) -> dict[str, Any]:
+    """The answer to rows sent as JSON lists (other publishers than the web)."""
+    probs = [float(p) for p in probabilities]
+    return {
+        "model_version": version,
+        "probabilities": [round(p, 6) for p in probs],
+        "labels": labels(probs, threshold),
+    }
+
+
+def read_answer(answer: Mapping[str, Any]) -> tuple[str, list[float], list[int]]:
+    """(model version, probabilities, labels) of a worker's answer, packed or not."""
+    version = answer["model_version"]
+    if "p32" in answer:
+        probs = unpack_floats(answer["p32"])
+        return version, probs, labels(probs, float(answer.get("threshold", DEFAULT_THRESHOLD)))
+    return version, list(answer["probabilities"]), list(answer["labels"])
