@@ -79,3 +79,38 @@ def test_readme_roles_table_lists_the_role_and_real_variables(role):
     named = re.findall(r"`([a-z0-9_]+)`", rows[-1].rsplit("|", 2)[-2])
     assert named, f"README's row for {role} names no variables"
     assert set(named) <= set(defaults), f"not in {role}'s defaults: {sorted(set(named) - set(defaults))}"
+
+
+def _handlers(role):
+    path = ROOT / "roles" / role / "handlers" / "main.yml"
+    return (_load(path) or []) if path.exists() else []
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_handlers_are_sentences_listening_to_role_topics(role):
+    # One naming scheme: a handler's name is a plain sentence; tasks notify a `listen:` topic
+    # "<role> | <what>" (task names carry their file's prefix, which ansible-lint's name[prefix] checks).
+    for handler in _handlers(role):
+        name = handler["name"]
+        assert " | " not in name and name[:1].isupper(), f"{role} handler {name!r}: a capitalised sentence"
+        topics = handler.get("listen", [])
+        for topic in [topics] if isinstance(topics, str) else topics:
+            assert topic.startswith(f"{role} | "), f"{role} handler {name!r} listens to {topic!r}"
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_os_specific_variables_load_the_same_way(role):
+    # Every role with per-OS vars loads them first thing in its preflight, first_found over the
+    # candidate list in vars/main.yml (so preflight alone, tasks_from: preflight, has them too).
+    os_files = [p for p in (ROOT / "roles" / role / "vars").glob("*.yml") if p.name != "main.yml"]
+    if not os_files:
+        pytest.skip(f"{role} has no per-OS variables")
+    first = _load(ROOT / "roles" / role / "tasks" / "preflight.yml")[0]
+    assert first["name"] == "preflight | Load the OS-specific variables"
+    assert first["ansible.builtin.include_vars"] == (
+        f"{{{{ lookup('ansible.builtin.first_found', __{role}_os_vars) }}}}"
+    )
+    assert first["vars"] == {
+        f"__{role}_os_vars": {"files": f"{{{{ __{role}_os_vars_files }}}}", "paths": ["{{ role_path }}/vars"]}
+    }
+    assert f"__{role}_os_vars_files" in _load(ROOT / "roles" / role / "vars" / "main.yml")
