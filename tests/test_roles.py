@@ -52,3 +52,19 @@ def test_readme_roles_table_lists_the_role_and_real_variables(role):
     named = re.findall(r"`([a-z0-9_]+)`", rows[-1].rsplit("|", 2)[-2])
     assert named, f"README's row for {role} names no variables"
     assert set(named) <= set(defaults), f"not in {role}'s defaults: {sorted(set(named) - set(defaults))}"
+
+
+def test_defaults_role_declares_modelserve_variables():
+    # modelserve_defaults has no tasks (not in ROLES): its variables are the project's modelserve_*
+    # wiring values, each declared in its argument_specs with the same default where one is given.
+    role = ROOT / "roles" / "modelserve_defaults"
+    assert not (role / "tasks").exists(), "modelserve_defaults holds defaults only"
+    defaults = _load(role / "defaults" / "main.yml")
+    options = _load(role / "meta" / "argument_specs.yml")["argument_specs"]["main"]["options"]
+    assert set(defaults) == set(options)
+    assert all(name.startswith("modelserve_") for name in defaults)
+    for name, spec in options.items():
+        assert spec.get("description"), name
+        if "default" in spec:
+            assert spec["default"] == defaults[name], name
+    assert (role / "README.md").exists()
