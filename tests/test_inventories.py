@@ -1,4 +1,4 @@
-"""The environments' inventories: structure, and the group_vars precedence trap."""
+"""The environments' inventories: structure, and that what they set takes effect."""
 
 import json
 import subprocess
@@ -6,9 +6,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_playbook
+from test_playbooks import role_inputs_set_by_plays, role_vars_set_by_plays
 
 ROOT = Path(__file__).resolve().parent.parent
 ENVS = ["local", "dev", "svt", "prod"]
+ROLE_INPUTS = role_inputs_set_by_plays()
+WIRED = ["model_serving_http_port", "rabbitmq_amqp_port", "common_firewall_rules_by_group"]
 
 
 def _keys(directory: Path) -> dict[str, Path]:
@@ -20,14 +24,119 @@ def _keys(directory: Path) -> dict[str, Path]:
     return keys
 
 
-@pytest.mark.parametrize("env", ENVS)
-def test_no_variable_defined_both_next_to_site_and_in_inventory(env):
-    # group_vars/ beside site.yml outrank inventory group_vars: a variable in both would silently
-    # ignore the environment's value.
-    top = _keys(ROOT / "group_vars")
-    inv = _keys(ROOT / "inventories" / env / "group_vars")
-    both = sorted(set(top) & set(inv))
-    assert not both, f"defined in group_vars/ and inventories/{env}/group_vars/: {both}"
+def _inventory_hosts_vars(node) -> set[str]:
+    """Variable names set inline in a hosts.yml / Molecule inventory tree (group `vars`, host entries)."""
+    names = set()
+    if isinstance(node, dict):
+        names |= set(node.get("vars") or {})
+        for host in (node.get("hosts") or {}).values():
+            names |= set(host or {})
+        for child in (node.get("children") or {}).values():
+            names |= _inventory_hosts_vars(child)
+    return names
+
+
+def _inventory_variables() -> dict[str, dict[str, str]]:
+    """Inventory (environment or Molecule scenario running the plays) -> variable -> where it is set."""
+    found = {}
+    for env in ENVS:
+        where = found.setdefault(f"inventories/{env}", {})
+        for sub in ("group_vars", "host_vars"):
+            for name, path in _keys(ROOT / "inventories" / env / sub).items():
+                where[name] = str(path.relative_to(ROOT))
+        hosts = yaml.safe_load((ROOT / "inventories" / env / "hosts.yml").read_text())
+        for name in _inventory_hosts_vars(hosts.get("all", {})):
+            where[name] = f"inventories/{env}/hosts.yml"
+    for scenario in sorted((ROOT / "molecule").glob("*/molecule.yml")):
+        converge = (scenario.parent / "converge.yml").read_text()
+        if "site.yml" not in converge and "playbooks/" not in converge:
+            continue  # a role's own scenario sets role inputs directly, not through the plays
+        inventory = (yaml.safe_load(scenario.read_text()).get("provisioner") or {}).get("inventory") or {}
+        where = found.setdefault(str(scenario.relative_to(ROOT)), {})
+        for sub in ("group_vars", "host_vars"):
+            for entity_vars in (inventory.get(sub) or {}).values():
+                where.update(dict.fromkeys(entity_vars, str(scenario.relative_to(ROOT))))
+        for name in _inventory_hosts_vars((inventory.get("hosts") or {}).get("all", {})):
+            where[name] = str(scenario.relative_to(ROOT))
+    return found
+
+
+@pytest.mark.parametrize("inventory", sorted(_inventory_variables()))
+def test_no_inventory_sets_a_role_input_a_play_sets(inventory):
+    # A play passes these to its roles as role vars, which outrank the inventory: the inventory's
+    # value would be ignored. Set the modelserve_* variable the play reads instead.
+    ignored = []
+    for name, where in sorted(_inventory_variables()[inventory].items()):
+        if name in ROLE_INPUTS:
+            playbook, wiring = ROLE_INPUTS[name]
+            instead = f"set {' / '.join(wiring)} instead" if wiring else "the play decides it"
+            ignored.append(f"{where} sets {name}, which playbooks/{playbook} sets for the role: {instead}")
+    assert not ignored, "\n".join(ignored)
+
+
+OVERRIDE_PLAY = """
+- name: The wiring values a play sees, with the role inputs it derives from them
+  hosts: frontend:broker
+  gather_facts: false
+  roles:
+    - role: modelserve.cluster.modelserve_defaults
+  vars: {wired}
+  tasks:
+    - name: Show them
+      ansible.builtin.debug:
+        msg: "WIRED {{{{ {names} | to_json }}}}"
+"""
+
+
+def _wired_values(tmp_path, ansible_bin, ansible_env, *inventories) -> list[dict]:
+    # The plays' own wiring expressions (their role vars), evaluated as play vars under the real
+    # modelserve_defaults role and the given inventories. debug runs on the controller: no host needed.
+    wired = {name: role_vars_set_by_plays()[name][1] for name in WIRED}
+    names = "{" + ", ".join(f"'{k}': {k}" for k in ["modelserve_http_port", *wired]) + "}"
+    play = OVERRIDE_PLAY.format(wired=json.dumps(wired), names=names)
+    args = [a for inv in inventories for a in ("-i", inv)]
+    res = run_playbook(play, tmp_path, ansible_bin, ansible_env, *args, "-e", "ansible_connection=local")
+    assert res.returncode == 0, res.stdout + res.stderr
+    prefix = '"msg": "WIRED '
+    values = [
+        json.loads(json.loads(ln.split('"msg": ', 1)[1]).removeprefix("WIRED "))
+        for ln in res.stdout.splitlines()
+        if prefix in ln
+    ]
+    assert len(values) == 2, res.stdout  # one front end, one broker
+    return values
+
+
+def test_an_inventory_overrides_a_wiring_value(tmp_path, ansible_bin, ansible_env):
+    default = _wired_values(tmp_path, ansible_bin, ansible_env, str(ROOT / "inventories" / "local"))
+    assert {v["model_serving_http_port"] for v in default} == {8080}
+
+    override = tmp_path / "override"
+    (override / "group_vars" / "all").mkdir(parents=True)
+    (override / "hosts.yml").write_text("all: {}\n")
+    (override / "group_vars" / "all" / "ports.yml").write_text("modelserve_http_port: 8081\n")
+    got = _wired_values(
+        tmp_path, ansible_bin, ansible_env, str(ROOT / "inventories" / "local"), str(override)
+    )
+    for v in got:
+        assert v["modelserve_http_port"] == v["model_serving_http_port"] == 8081, v
+        assert v["common_firewall_rules_by_group"]["frontend"][0]["port"] == 8081, v
+        assert v["rabbitmq_amqp_port"] == 5672, v
+
+    # Nothing beside site.yml or the plays (group_vars/ there outrank inventories) hides it either.
+    for playbook_dir in (ROOT, ROOT / "playbooks"):
+        out = subprocess.run(
+            [
+                *(ansible_bin / "ansible-inventory", "-i", ROOT / "inventories" / "local", "-i", override),
+                *("--playbook-dir", playbook_dir, "--host", "ms-frontend"),
+            ],
+            cwd=ROOT,
+            env=ansible_env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert json.loads(out.stdout)["modelserve_http_port"] == 8081, f"overridden beside {playbook_dir}"
 
 
 @pytest.mark.parametrize("env", ENVS)

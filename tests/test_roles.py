@@ -114,3 +114,19 @@ def test_os_specific_variables_load_the_same_way(role):
         f"__{role}_os_vars": {"files": f"{{{{ __{role}_os_vars_files }}}}", "paths": ["{{ role_path }}/vars"]}
     }
     assert f"__{role}_os_vars_files" in _load(ROOT / "roles" / role / "vars" / "main.yml")
+
+
+def test_defaults_role_declares_modelserve_variables():
+    # modelserve_defaults has no tasks (not in ROLES): its variables are the project's modelserve_*
+    # wiring values, each declared in its argument_specs with the same default where one is given.
+    role = ROOT / "roles" / "modelserve_defaults"
+    assert not (role / "tasks").exists(), "modelserve_defaults holds defaults only"
+    defaults = _load(role / "defaults" / "main.yml")
+    options = _load(role / "meta" / "argument_specs.yml")["argument_specs"]["main"]["options"]
+    assert set(defaults) == set(options)
+    assert all(name.startswith("modelserve_") for name in defaults)
+    for name, spec in options.items():
+        assert spec.get("description"), name
+        if "default" in spec:
+            assert spec["default"] == defaults[name], name
+    assert (role / "README.md").exists()

@@ -14,6 +14,8 @@ import testinfra.utils.ansible_runner
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 runner = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
 ROW = [6, 148, 72, 35, 0, 33.6, 0.627, 50]
+# molecule.yml's inventory overrides the wiring default (8080), as an environment may.
+HTTP_PORT = runner.get_variables("cl-frontend")["modelserve_http_port"]
 
 
 def _host(name):
@@ -23,7 +25,7 @@ def _host(name):
 @pytest.fixture(scope="module")
 def url():
     addr = _host("cl-frontend").interface("eth0").addresses[0]
-    return f"http://{addr}:8080"
+    return f"http://{addr}:{HTTP_PORT}"
 
 
 def _worker_hosts():
@@ -40,6 +42,18 @@ def test_prediction_over_http_from_the_controller(url):
     assert r.status_code == 200, r.text
     pred = r.json()["predictions"][0]
     assert 0.0 <= pred["probability"] <= 1.0
+
+
+def test_the_inventory_override_of_the_http_port_reaches_the_hosts():
+    assert HTTP_PORT != 8080, "molecule.yml should override modelserve_http_port"
+    frontend = _host("cl-frontend")
+    assert frontend.socket(f"tcp://0.0.0.0:{HTTP_PORT}").is_listening
+    table = frontend.check_output("nft list table inet modelserve")
+    assert f"tcp dport {HTTP_PORT} accept" in table
+    assert "dport 8080" not in table
+    # The release switch (git_deploy, on the first worker) waits on the same port.
+    deploy = _host("cl-worker1").file("/etc/modelserve-deploy/deploy.json").content_string
+    assert f":{HTTP_PORT}/api/v1/model" in deploy
 
 
 def test_broker_refuses_guest_and_listens_on_the_cluster_network():

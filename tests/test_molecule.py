@@ -1,0 +1,37 @@
+"""Molecule scenarios state only what differs from the shared base config."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIOS = sorted(p.parent.name for p in (ROOT / "molecule").glob("*/molecule.yml"))
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_platforms_name_hosts_and_groups_only(scenario):
+    # The container definition is playbooks/tasks/systemd_containers.yml, applied by the base
+    # config's create (molecule/resources/create.yml): a scenario names its hosts, their groups and,
+    # for emulated hosts, the platform.
+    config = yaml.safe_load((ROOT / "molecule" / scenario / "molecule.yml").read_text())
+    for platform in config.get("platforms") or []:
+        extra = set(platform) - {"name", "groups", "platform"}
+        assert not extra, f"molecule/{scenario}: {platform['name']} states {sorted(extra)}"
+
+
+def test_base_config_creates_containers_from_the_shared_definition():
+    base = yaml.safe_load((ROOT / ".config" / "molecule" / "config.yml").read_text())
+    playbooks = base["provisioner"]["playbooks"]
+    for step in ("create", "destroy"):
+        path = (ROOT / "molecule" / "any-scenario" / playbooks[step]).resolve()
+        assert "playbooks/tasks/systemd_containers.yml" in path.read_text(), path
+    local = (ROOT / "playbooks" / "local_cluster.yml").read_text()
+    assert "tasks/systemd_containers.yml" in local
+    # Nothing else in the repository starts a systemd container its own way.
+    for path in [
+        *ROOT.glob("playbooks/*.yml"),
+        *ROOT.glob("molecule/**/*.yml"),
+        ROOT / ".config/molecule/config.yml",
+    ]:
+        assert "/lib/systemd/systemd" not in path.read_text(), path
