@@ -100,8 +100,8 @@ def test_handlers_are_sentences_listening_to_role_topics(role):
 
 @pytest.mark.parametrize("role", ROLES)
 def test_os_specific_variables_load_the_same_way(role):
-    # Every role with per-OS vars loads them first thing in its preflight, first_found over the
-    # candidate list in vars/main.yml (so preflight alone, tasks_from: preflight, has them too).
+    # Every role with per-OS vars loads them first thing in its preflight (tagged always), first_found
+    # over the candidate list in vars/main.yml (so preflight alone, tasks_from: preflight, has them too).
     os_files = [p for p in (ROOT / "roles" / role / "vars").glob("*.yml") if p.name != "main.yml"]
     if not os_files:
         pytest.skip(f"{role} has no per-OS variables")
@@ -113,6 +113,7 @@ def test_os_specific_variables_load_the_same_way(role):
     assert first["vars"] == {
         f"__{role}_os_vars": {"files": f"{{{{ __{role}_os_vars_files }}}}", "paths": ["{{ role_path }}/vars"]}
     }
+    assert first.get("tags") == ["always"], "loaded under any --tags selection"
     assert f"__{role}_os_vars_files" in _load(ROOT / "roles" / role / "vars" / "main.yml")
 
 
