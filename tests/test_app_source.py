@@ -16,6 +16,10 @@ PLAY = """
 """
 
 
+def _run(tmp_path, ansible_bin, ansible_env, *extra):
+    return run_playbook(PLAY, tmp_path, ansible_bin, ansible_env, "-i", "localhost,", "-c", "local", *extra)
+
+
 def _paths(res):
     assert res.returncode == 0, res.stdout + res.stderr
     line = next(ln for ln in res.stdout.splitlines() if "APP=" in ln)
@@ -25,9 +29,7 @@ def _paths(res):
 
 def test_default_is_the_collections_own_app(tmp_path, ansible_bin, ansible_env):
     # Found from where Ansible loaded the collection (here the checkout linked into .cache/collections).
-    app, edge = _paths(
-        run_playbook(PLAY, tmp_path, ansible_bin, ansible_env, "-i", "localhost,", "-c", "local")
-    )
+    app, edge = _paths(_run(tmp_path, ansible_bin, ansible_env))
     assert os.path.realpath(app) == str(ROOT / "app")
     assert os.path.realpath(edge) == str(ROOT / "app" / "edge")
 
@@ -35,33 +37,11 @@ def test_default_is_the_collections_own_app(tmp_path, ansible_bin, ansible_env):
 def test_modelserve_app_source_overrides(tmp_path, ansible_bin, ansible_env):
     other = tmp_path / "checkout" / "app"
     other.mkdir(parents=True)
-    res = run_playbook(
-        PLAY,
-        tmp_path,
-        ansible_bin,
-        ansible_env,
-        "-i",
-        "localhost,",
-        "-c",
-        "local",
-        "-e",
-        f"modelserve_app_source={other}",
-    )
+    res = _run(tmp_path, ansible_bin, ansible_env, "-e", f"modelserve_app_source={other}")
     assert _paths(res) == (str(other), str(other / "edge"))
 
 
 def test_a_missing_source_is_refused_by_name(tmp_path, ansible_bin, ansible_env):
-    res = run_playbook(
-        PLAY,
-        tmp_path,
-        ansible_bin,
-        ansible_env,
-        "-i",
-        "localhost,",
-        "-c",
-        "local",
-        "-e",
-        "modelserve_app_source=/nonexistent",
-    )
+    res = _run(tmp_path, ansible_bin, ansible_env, "-e", "modelserve_app_source=/nonexistent")
     assert res.returncode != 0
     assert "set modelserve_app_source" in res.stdout + res.stderr

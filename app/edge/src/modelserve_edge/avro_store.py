@@ -29,13 +29,14 @@ import shutil
 import ssl
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import fastavro
 from fastavro.write import Writer
+
+from modelserve_edge.httppost import post
 
 log = logging.getLogger(__name__)
 
@@ -377,13 +378,15 @@ class HttpTarget:
         self.url, self.timeout, self.authorization, self.context = url, timeout, authorization, context
 
     def ship(self, path: Path) -> None:
-        headers = {"Content-Type": "avro/binary", "X-Filename": path.name}
-        if self.authorization:
-            headers["Authorization"] = self.authorization
-        request = urllib.request.Request(self.url, data=path.read_bytes(), headers=headers, method="POST")  # noqa: S310
-        with urllib.request.urlopen(request, timeout=self.timeout, context=self.context) as response:  # noqa: S310 - http(s) checked
-            if not 200 <= response.status < 300:
-                raise OSError(f"upload of {path.name}: HTTP {response.status}")
+        post(
+            self.url,
+            path.read_bytes(),
+            {"Content-Type": "avro/binary", "X-Filename": path.name},
+            timeout=self.timeout,
+            authorization=self.authorization,
+            context=self.context,
+            what=f"upload of {path.name}: ",
+        )
 
     def __str__(self) -> str:
         return self.url

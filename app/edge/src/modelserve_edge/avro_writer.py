@@ -16,7 +16,7 @@ import time
 from modelserve_edge.avro_store import DirectoryTarget, HttpTarget, RotatingAvroWriter, Uploader, to_record
 from modelserve_edge.config import ConfigError, data_dir, env_float, env_int, env_str
 from modelserve_edge.tls import require_tls_unless_local, tls_context
-from modelserve_edge.transport import Transport, decode_object
+from modelserve_edge.transport import Transport, handle_object
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +31,8 @@ class AvroSink:
         self.writer = writer
 
     def handle(self, input_name: str, body: bytes) -> None:
-        if input_name != INPUT:
-            log.warning("unknown input %r; message dropped", input_name)
-            return
-        try:
-            message = decode_object(body)
-            record = to_record(message, int(time.time() * 1000))
-        except ValueError as exc:
-            log.warning("dropped a message: %s", exc)
+        record = handle_object(input_name, INPUT, body, lambda m: to_record(m, int(time.time() * 1000)), log)
+        if record is None:
             return
         self.writer.write([record])
 

@@ -22,34 +22,30 @@ def env_str(name: str, default: str | None = None, env: Mapping[str, str] | None
     return value if value != "" else default
 
 
-def env_int(
-    name: str, default: int, env: Mapping[str, str] | None = None, *, minimum: int | None = None
-) -> int:
+def _env_number(name, default, env, minimum, parse, expected):
+    # One reader for env_int and env_float: unset -> default, unparsable or below minimum -> ConfigError.
     raw = env_str(name, None, env)
     if raw is None:
         return default
     try:
-        value = int(raw)
+        value = parse(raw)
     except ValueError:
-        raise ConfigError(f"{name}={raw!r}: expected an integer") from None
+        raise ConfigError(f"{name}={raw!r}: expected {expected}") from None
     if minimum is not None and value < minimum:
         raise ConfigError(f"{name}={value}: must be >= {minimum}")
     return value
+
+
+def env_int(
+    name: str, default: int, env: Mapping[str, str] | None = None, *, minimum: int | None = None
+) -> int:
+    return _env_number(name, default, env, minimum, int, "an integer")
 
 
 def env_float(
     name: str, default: float | None, env: Mapping[str, str] | None = None, *, minimum: float | None = None
 ) -> float | None:
-    raw = env_str(name, None, env)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r}: expected a number") from None
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{name}={value}: must be >= {minimum}")
-    return value
+    return _env_number(name, default, env, minimum, float, "a number")
 
 
 def env_bool(name: str, default: bool, env: Mapping[str, str] | None = None) -> bool:

@@ -11,7 +11,7 @@ import sys
 
 from modelserve_edge.config import env_str
 from modelserve_edge.rul_model import RulModel, features, load_model
-from modelserve_edge.transport import Transport, decode_object, encode
+from modelserve_edge.transport import Transport, encode, handle_object
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +29,8 @@ class RulClassifier:
         return {**message, "RUL": round(rul, 4), "modelVersion": self.model.version}
 
     def handle(self, input_name: str, body: bytes) -> None:
-        if input_name != INPUT:
-            log.warning("unknown input %r; message dropped", input_name)
-            return
-        try:
-            message = decode_object(body)
-            result = self.score(message)
-        except ValueError as exc:
-            log.warning("dropped a malformed reading: %s", exc)
+        result = handle_object(input_name, INPUT, body, self.score, log, "a malformed reading")
+        if result is None:
             return
         self.send(OUTPUT, encode(result))
 

@@ -23,10 +23,10 @@ import sys
 import threading
 import time
 import urllib.parse
-import urllib.request
 
 from modelserve_edge.config import ConfigError, data_dir, env_float, env_int, env_str
 from modelserve_edge.diskqueue import DiskQueue
+from modelserve_edge.httppost import post
 from modelserve_edge.routes import UPSTREAM
 from modelserve_edge.tls import require_tls_unless_local, tls_context
 from modelserve_edge.transport import Transport
@@ -51,13 +51,14 @@ class HttpSender:
         self.context = tls_context(tls_ca) if url.startswith("https://") else None
 
     def send(self, body: bytes) -> None:
-        headers = {"Content-Type": "application/json"}
-        if self.authorization:
-            headers["Authorization"] = self.authorization
-        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")  # noqa: S310
-        with urllib.request.urlopen(request, timeout=self.timeout, context=self.context) as response:  # noqa: S310 - http(s) only
-            if not 200 <= response.status < 300:
-                raise OSError(f"HTTP {response.status}")
+        post(
+            self.url,
+            body,
+            {"Content-Type": "application/json"},
+            timeout=self.timeout,
+            authorization=self.authorization,
+            context=self.context,
+        )
 
     def close(self) -> None:
         pass

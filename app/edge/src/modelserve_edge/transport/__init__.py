@@ -10,9 +10,18 @@ import os
 from collections.abc import Mapping
 
 from modelserve_edge.config import ConfigError, env_float, env_int, env_str
-from modelserve_edge.transport.base import Handler, Transport, decode, decode_object, encode
+from modelserve_edge.transport.base import Handler, Transport, decode, decode_object, encode, handle_object
 
-__all__ = ["Handler", "Transport", "create_transport", "decode", "decode_object", "encode", "transport_kind"]
+__all__ = [
+    "Handler",
+    "Transport",
+    "create_transport",
+    "decode",
+    "decode_object",
+    "encode",
+    "handle_object",
+    "transport_kind",
+]
 
 
 def transport_kind(env: Mapping[str, str], *, device: bool = False) -> str:

@@ -50,3 +50,17 @@ def decode_object(body: bytes | str) -> dict:
     if not isinstance(message, dict):
         raise ValueError("not a JSON object")
     return message
+
+
+def handle_object(input_name, expected, body, process, log, dropped="a message"):
+    """The single-input modules' handler shape: a message on another input, one that is not a JSON
+    object, or one ``process`` refuses with ValueError is logged and dropped (None); otherwise
+    ``process(message)``'s result."""
+    if input_name != expected:
+        log.warning("unknown input %r; message dropped", input_name)
+        return None
+    try:
+        return process(decode_object(body))
+    except ValueError as exc:
+        log.warning("dropped %s: %s", dropped, exc)
+        return None
