@@ -65,6 +65,8 @@ def test_local_plain_or_remote_tls_passes(tmp_path, ansible_bin, ansible_env, ex
         ),
         ({"iot_edge_avro_store_max_bytes": 1000}, "iot_edge_avro_store_max_bytes 0 or at least"),
         ({"iot_edge_mqtt_extra_users": [{"name": "modelserve-edge-router"}]}, "that are not module users"),
+        # The argument specs (validated for tasks_from preflight too) require each user's name.
+        ({"iot_edge_mqtt_extra_users": [{"read": ["modelserve/#"]}]}, "missing required arguments: name"),
         ({"iot_edge_mqtt_password_bytes": 8}, "iot_edge_mqtt_password_bytes >= 16"),
     ],
 )
