@@ -1,6 +1,8 @@
 """A real OpenStack control plane on this machine, for tests: keystone, placement, glance, nova
-(API, conductor, scheduler, compute with nova's fake driver) and neutron (ML2 with an agent-less
-port-binding driver, L3 router plugin for floating IPs), on a private MariaDB and RabbitMQ.
+(API, conductor, scheduler, compute with the project's container driver: every server is a
+systemd container booted by cloud-init) and neutron (ML2 with an agent-less port-binding driver,
+L3 router plugin for floating IPs; netagent.py enforces security groups and does the routing and
+NAT on this host), on a private MariaDB and RabbitMQ.
 
 Run by scripts/local-openstack (up|down|status). Everything lives under $LOCAL_OPENSTACK_DIR
 (default .cache/openstack): venvs/ (one per service, kept between runs), run/ (databases,
@@ -11,6 +13,8 @@ a member of the project `modelserve`, and `local-openstack-admin`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import ipaddress
 import json
 import os
 import secrets
@@ -60,7 +64,10 @@ PROCESSES = [
     "nova-conductor",
     "nova-scheduler",
     "nova-compute",
+    "netagent",
 ]
+# The servers' disk: Debian bookworm with cloud-init, built from the project's base image.
+CLOUD_IMAGE_DIR = HERE / "cloud-image"
 
 
 def log(msg: str) -> None:
@@ -96,6 +103,44 @@ def install() -> None:
         stamp.write_text(want + "\n")
         log(f"{service} installed in {time.monotonic() - t0:.0f} s")
     install_bindall_driver()
+    install_compute_driver()
+
+
+def install_compute_driver() -> None:
+    """Our nova compute driver: nova loads drivers from its nova.virt package only."""
+    site = next((VENVS / "nova" / "lib").glob("python3*/site-packages"))
+    shutil.copy(HERE / "modelserve_containers.py", site / "nova" / "virt" / "modelserve_containers.py")
+    shutil.copy(HERE / "modelserve_netnames.py", site / "modelserve_netnames.py")
+
+
+def docker_arch() -> str:
+    return {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
+
+
+def cloud_image() -> str:
+    return f"modelserve/debian-cloud:bookworm-{docker_arch()}"
+
+
+def build_cloud_image() -> None:
+    """The Docker image behind the glance image: base image + cloud-init, rebuilt on recipe change."""
+    recipe = hashlib.sha256(
+        b"".join(p.read_bytes() for p in sorted(CLOUD_IMAGE_DIR.iterdir()) if p.is_file())
+    ).hexdigest()[:16]
+    have = subprocess.run(
+        ["docker", "image", "inspect", "-f", '{{ index .Config.Labels "modelserve.recipe" }}', cloud_image()],
+        capture_output=True, text=True, check=False,
+    ).stdout.strip()  # fmt: skip
+    if have == recipe:
+        return
+    base = subprocess.run(
+        [str(ROOT / "scripts" / "build-base-image")], capture_output=True, text=True, check=True
+    ).stdout.split()[-1]
+    log(f"building {cloud_image()} from {base}")
+    run(
+        ["docker", "build", "--build-arg", f"BASE={base}", "--label", f"modelserve.recipe={recipe}",
+         "-t", cloud_image(), str(CLOUD_IMAGE_DIR)],
+        "cloud-image",
+    )  # fmt: skip
 
 
 def install_bindall_driver() -> None:
@@ -467,7 +512,7 @@ def write_configs(state: dict) -> None:
                 "DEFAULT": {
                     **logging,
                     "transport_url": transport_url(state, "nova"),
-                    "compute_driver": "fake.FakeDriver",
+                    "compute_driver": "modelserve_containers.ContainerDriver",
                     "host": COMPUTE_HOST,
                     "my_ip": "127.0.0.1",
                     "state_path": RUN / "data/nova",
@@ -482,6 +527,10 @@ def write_configs(state: dict) -> None:
                 "glance": auth_section(state, "glance", valid_interfaces="public"),
                 # Neutron lets a project member delete a compute port only with a service token.
                 "service_user": auth_section(state, "nova", send_service_user_token="true"),  # noqa: S106
+                "modelserve_containers": {
+                    "default_image": cloud_image(),
+                    "instances_path": RUN / "data/instances",
+                },
                 "vnc": {"enabled": "false"},
                 "conductor": {"workers": "1"},
                 "scheduler": {"workers": "1", "discover_hosts_in_cells_interval": "10"},
@@ -704,6 +753,7 @@ def services_up(state: dict) -> None:
     serve(state, "nova-api", "nova", "nova.wsgi.osapi_compute", "nova")
     for name in ("nova-conductor", "nova-scheduler", "nova-compute"):
         spawn(name, [venv_bin("nova", name), *nconf], env=nova_env)
+
     for name, port_name in [
         ("placement", "placement"),
         ("glance", "glance"),
@@ -728,11 +778,14 @@ def services_up(state: dict) -> None:
 
 
 # --- seed -----------------------------------------------------------------------------------------
-IMAGE = "debian-12-fake"
+IMAGE = "debian-12-cloud"
 FLAVORS = [("m1.tiny", 1, 512, 1), ("m1.small", 1, 2048, 10)]
 TENANT_NETWORK = "modelserve-test"
 TENANT_CIDR = "10.99.0.0/24"
-PUBLIC_CIDR = "203.0.113.0/24"
+# The external network is a bridge on this host (netagent.py): its range must not be routed
+# anywhere else from here (a documentation range such as 203.0.113.0/24 may be the package proxy's).
+PUBLIC_CIDR = "10.231.0.0/24"
+PUBLIC_GATEWAY = "10.231.0.1"
 
 
 def seed(state: dict) -> None:
@@ -740,6 +793,7 @@ def seed(state: dict) -> None:
     project_id = state["project_id"]
     for name, vcpus, ram, disk in FLAVORS:
         conn.compute.create_flavor(name=name, vcpus=vcpus, ram=ram, disk=disk, is_public=True)
+    # A placeholder disk: the compute driver boots the Docker image [modelserve_containers] names.
     image_file = RUN / "data" / "image.raw"
     image_file.write_bytes(b"\0" * (1 << 20))
     image = conn.image.create_image(
@@ -763,8 +817,8 @@ def seed(state: dict) -> None:
         ip_version=4,
         cidr=PUBLIC_CIDR,
         is_dhcp_enabled=False,
-        gateway_ip="203.0.113.1",
-        allocation_pools=[{"start": "203.0.113.10", "end": "203.0.113.250"}],
+        gateway_ip=PUBLIC_GATEWAY,
+        allocation_pools=[{"start": "10.231.0.10", "end": "10.231.0.250"}],
     )
     tenant = conn.network.create_network(name=TENANT_NETWORK, project_id=project_id)
     subnet = conn.network.create_subnet(
@@ -822,6 +876,22 @@ def running(state: dict | None) -> dict[str, bool]:
     return {name: (pid := read_pid(name)) is not None and alive(pid) for name in PROCESSES}
 
 
+def check_public_cidr() -> None:
+    """Refuse to shadow a route this machine uses (the package mirror, Docker's networks)."""
+    public = ipaddress.ip_network(PUBLIC_CIDR)
+    listed = subprocess.run(["ip", "-j", "route"], capture_output=True, text=True, check=True).stdout
+    for route in json.loads(listed):
+        dst, dev = route.get("dst", ""), route.get("dev", "")
+        shadowed = dst not in ("", "default") and ipaddress.ip_network(dst, strict=False).overlaps(public)
+        if shadowed and not dev.startswith("brq"):
+            die(f"the external network {PUBLIC_CIDR} overlaps the route {dst} via {route.get('dev')}")
+    for host in ("deb.debian.org", "pypi.org"):
+        with contextlib.suppress(OSError):
+            for info in socket.getaddrinfo(host, 443, socket.AF_INET):
+                if ipaddress.ip_address(info[4][0]) in public:
+                    die(f"the external network {PUBLIC_CIDR} holds {host}'s address {info[4][0]}")
+
+
 def cmd_up() -> None:
     t0 = time.monotonic()
     state = load_state()
@@ -836,7 +906,9 @@ def cmd_up() -> None:
             die(f"{exe} not found: apt-get install mariadb-server")
     if not Path(RABBITMQ_SERVER).exists():
         die("rabbitmq-server not found: apt-get install rabbitmq-server")
+    check_public_cidr()
     install()
+    build_cloud_image()
     t1 = time.monotonic()
     shutil.rmtree(RUN, ignore_errors=True)
     RUN.mkdir(parents=True)
@@ -854,6 +926,9 @@ def cmd_up() -> None:
     services_up(state)
     seed(state)
     write_clouds(state)
+    # With this project's openstacksdk (the one Ansible uses), not a service venv.
+    spawn("netagent", [sys.executable, str(HERE / "netagent.py"), str(RUN)])
+    wait_for("the network agent's first pass", lambda: (RUN / "netagent.alive").exists(), 60, "netagent")
     log(f"up in {time.monotonic() - t0:.0f} s (install {t1 - t0:.0f} s); clouds.yaml: {CLOUDS}")
     log("clouds: local-openstack (project modelserve), local-openstack-admin")
 
@@ -868,10 +943,23 @@ def cmd_down() -> None:
             subprocess.run(
                 [str(epmd), "-port", str(state["ports"]["epmd"]), "-kill"], capture_output=True, check=False
             )
+    remove_servers()
     left = [n for n, up in running(state).items() if up]
     if left:
         die(f"still running: {', '.join(left)}")
     log("stopped")
+
+
+def remove_servers() -> None:
+    """Servers left behind (their containers), then the agent's bridges, namespaces and rules."""
+    ids = subprocess.run(
+        ["docker", "ps", "-aq", "--filter", "label=modelserve.local-openstack.instance"],
+        capture_output=True, text=True, check=False,
+    ).stdout.split()  # fmt: skip
+    if ids:
+        log(f"removing {len(ids)} server container(s)")
+        subprocess.run(["docker", "rm", "-f", *ids], capture_output=True, check=False)
+    subprocess.run([sys.executable, str(HERE / "netagent.py"), str(RUN), "--cleanup"], check=False)
 
 
 def cmd_status() -> None:
