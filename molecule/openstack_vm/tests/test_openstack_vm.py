@@ -100,7 +100,8 @@ def test_security_groups_hold_exactly_the_intended_rules(conn):
             ("ingress", "IPv6", "tcp", 8080, 8080, "::/0"),
         }
         | EGRESS,
-        "workers": admin_ssh | from_dev | EGRESS,
+        # git_deploy's fan-out: the workers SSH to each other (modelserve_ssh_within_groups).
+        "workers": admin_ssh | from_dev | {_ssh("IPv4", f"group:{PREFIX}-workers")} | EGRESS,
         "development": admin_ssh | EGRESS,
     }
     groups = {sg.name: sg for sg in conn.network.security_groups()}

@@ -1,0 +1,78 @@
+"""The security groups an environment gets on OpenStack, rendered by Ansible from the role's own
+template with the inputs playbooks/provision.yml wires in (no cloud is touched)."""
+
+import json
+
+import pytest
+from conftest import ROOT, run_playbook
+from test_playbooks import role_inputs_set_by_plays, role_vars_set_by_plays
+
+PUBLIC_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyForTestsOnly0000000000000000000000 test@modelserve"
+TEMPLATE = ROOT / "roles" / "openstack_vm" / "templates" / "security-group-rules.json.j2"
+
+RULES_PLAY = """
+- name: The security-group rules of every role group
+  hosts: localhost
+  connection: local
+  gather_facts: false
+  roles:
+    - role: modelserve.cluster.modelserve_defaults
+  vars: {wired}
+  tasks:
+    - name: Declare the machines
+      ansible.builtin.include_role:
+        name: modelserve.cluster.openstack_vm
+        tasks_from: declare
+        public: true
+
+    - name: Show the rules
+      ansible.builtin.debug:
+        msg: "RULES {{{{ {{'group': __openstack_vm_group,
+          'rules': lookup('ansible.builtin.template', '{template}') | from_json}} | to_json }}}}"
+      loop: "{{{{ __openstack_vm_used_groups }}}}"
+      loop_control:
+        loop_var: __openstack_vm_group
+"""
+
+
+def _rules(env, tmp_path, ansible_bin, ansible_env) -> dict[str, list[dict]]:
+    # The openstack_vm inputs provision.yml derives from modelserve_* values, as play vars.
+    wired = {
+        name: role_vars_set_by_plays()[name][1]
+        for name, (playbook, wiring) in role_inputs_set_by_plays().items()
+        if playbook == "provision.yml" and name.startswith("openstack_vm_") and wiring
+    }
+    key = tmp_path / "id_test.pub"
+    key.write_text(PUBLIC_KEY + "\n")
+    play = RULES_PLAY.format(wired=json.dumps(wired), template=TEMPLATE)
+    res = run_playbook(
+        play, tmp_path, ansible_bin, ansible_env, "-e", f"openstack_vm_public_key_file={key}", inventory=env
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    found = {}
+    for line in res.stdout.splitlines():
+        if '"msg": "RULES ' in line:
+            got = json.loads(json.loads(line.split('"msg": ', 1)[1]).removeprefix("RULES "))
+            found[got["group"]] = got["rules"]
+    return found
+
+
+def _ssh_from_groups(rules: list[dict]) -> set[str]:
+    return {r["remote_group"] for r in rules if r.get("port_range_min") == 22 and "remote_group" in r}
+
+
+@pytest.mark.parametrize("env", ["dev", "svt", "prod"])
+def test_workers_admit_ssh_from_workers_only_where_needed(env, tmp_path, ansible_bin, ansible_env):
+    # git_deploy's post-receive hook fans a push out by SSH from the repository worker to the other
+    # workers: the workers' group must admit SSH from itself, and no other group from the workers.
+    rules = _rules(env, tmp_path, ansible_bin, ansible_env)
+    assert set(rules) == {"broker", "frontend", "workers", "development"}, rules
+    prefix = f"modelserve-{env}-"
+    workers = _ssh_from_groups(rules["workers"])
+    assert workers == {prefix + "development", prefix + "workers"}, rules["workers"]
+    for group in ("broker", "frontend"):
+        assert _ssh_from_groups(rules[group]) == {prefix + "development"}, rules[group]
+    assert _ssh_from_groups(rules["development"]) == set(), rules["development"]
+    for group, group_rules in rules.items():
+        ssh = [r for r in group_rules if r.get("port_range_min") == 22]
+        assert all(r["protocol"] == "tcp" and r["port_range_max"] == 22 for r in ssh), group
