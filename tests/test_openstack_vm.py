@@ -1,7 +1,11 @@
-"""The security groups an environment gets on OpenStack, rendered by Ansible from the role's own
-template with the inputs playbooks/provision.yml wires in (no cloud is touched)."""
+"""What openstack_vm derives from an inventory, run by Ansible without a cloud: the security groups
+(the role's own template, with the inputs playbooks/provision.yml wires in) and the connection
+variables of the servers it adds to the in-memory inventory."""
 
 import json
+import os
+import shlex
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, run_playbook
@@ -76,3 +80,63 @@ def test_workers_admit_ssh_from_workers_only_where_needed(env, tmp_path, ansible
     for group, group_rules in rules.items():
         ssh = [r for r in group_rules if r.get("port_range_min") == 22]
         assert all(r["protocol"] == "tcp" and r["port_range_max"] == 22 for r in ssh), group
+
+
+ADD_HOSTS_PLAY = """
+- name: Add two servers the way the role does once they exist
+  hosts: localhost
+  connection: local
+  gather_facts: false
+  tasks:
+    - name: Add them
+      ansible.builtin.include_role:
+        name: modelserve.cluster.openstack_vm
+        tasks_from: inventory
+      vars:
+        openstack_vm_wait_for_ssh: false
+        openstack_vm_ssh_jump_host: jump-1
+        __openstack_vm_servers:
+          - {name: jump-1, admin_user: debian, inventory_groups: [development]}
+          - {name: worker-1, admin_user: debian, inventory_groups: [workers]}
+        __openstack_vm_addresses:
+          jump-1: {floating: 203.0.113.10, fixed: 10.0.0.10, id: a}
+          worker-1: {floating: "", fixed: 10.0.0.11, id: b}
+
+    - name: Show the SSH arguments
+      ansible.builtin.debug:
+        msg: "ARGS {{ hostvars['worker-1'].ansible_ssh_common_args }}"
+"""
+
+
+def _proxy_command(tmp_path, ansible_bin, ansible_env, jump_vars: dict, env: dict) -> list[str]:
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text(json.dumps({"all": {"hosts": {"jump-1": jump_vars, "worker-1": {}}}}))
+    run_env = {k: v for k, v in ansible_env.items() if k != "ANSIBLE_PRIVATE_KEY_FILE"} | env
+    res = run_playbook(ADD_HOSTS_PLAY, tmp_path, ansible_bin, run_env, "-i", str(inventory))
+    assert res.returncode == 0, res.stdout + res.stderr
+    (line,) = [ln for ln in res.stdout.splitlines() if '"msg": "ARGS ' in ln]
+    args = shlex.split(json.loads(line.split('"msg": ', 1)[1]).removeprefix("ARGS "))
+    (proxy,) = [a.removeprefix("ProxyCommand=") for a in args if a.startswith("ProxyCommand=")]
+    # ssh runs the ProxyCommand with the user's shell: split it as a shell does.
+    return shlex.split(proxy)
+
+
+@pytest.mark.parametrize(
+    ("jump_vars", "env", "key"),
+    [
+        ({"ansible_ssh_private_key_file": "~/keys/my key"}, {}, "~/keys/my key"),
+        ({"ansible_private_key_file": "/k/id_test"}, {"ANSIBLE_PRIVATE_KEY_FILE": "/k/other"}, "/k/id_test"),
+        ({}, {"ANSIBLE_PRIVATE_KEY_FILE": "/k/from env"}, "/k/from env"),
+        ({}, {}, None),
+    ],
+)
+def test_the_jump_gets_ansibles_private_key(jump_vars, env, key, tmp_path, ansible_bin, ansible_env):
+    # The ProxyCommand's own ssh does not get Ansible's key: a key that is not one of ssh's defaults
+    # must be passed to it, or the jump to the hosts without a floating IP fails.
+    proxy = _proxy_command(tmp_path, ansible_bin, ansible_env, jump_vars, env)
+    assert proxy[0] == "ssh" and proxy[-3:] == ["-W", "%h:%p", "debian@203.0.113.10"], proxy
+    if key is None:
+        assert "-i" not in proxy, proxy
+    else:
+        assert proxy[1:3] == ["-i", os.path.expanduser(key)], proxy
+        assert Path(proxy[2]).is_absolute()
