@@ -8,7 +8,7 @@ import shlex
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_playbook
+from conftest import OPENSTACK_INVENTORIES, ROOT, run_playbook
 from test_playbooks import role_inputs_set_by_plays, role_vars_set_by_plays
 
 PUBLIC_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyForTestsOnly0000000000000000000000 test@modelserve"
@@ -65,7 +65,7 @@ def _ssh_from_groups(rules: list[dict]) -> set[str]:
     return {r["remote_group"] for r in rules if r.get("port_range_min") == 22 and "remote_group" in r}
 
 
-@pytest.mark.parametrize("env", ["dev", "svt", "prod"])
+@pytest.mark.parametrize("env", OPENSTACK_INVENTORIES)
 def test_workers_admit_ssh_from_workers_only_where_needed(env, tmp_path, ansible_bin, ansible_env):
     # git_deploy's post-receive hook fans a push out by SSH from the repository worker to the other
     # workers: the workers' group must admit SSH from itself, and no other group from the workers.
