@@ -6,6 +6,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# Every environment's inventory (inventories/<env>), and those whose machines are on OpenStack.
+INVENTORIES = sorted(p.parent.name for p in (ROOT / "inventories").glob("*/hosts.yml"))
+OPENSTACK_INVENTORIES = [
+    env for env in INVENTORIES if (ROOT / "inventories" / env / "openstack.yml").exists()
+]
 
 
 @pytest.fixture(scope="session")

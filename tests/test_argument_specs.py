@@ -10,7 +10,7 @@ import json
 import sys
 
 import pytest
-from conftest import run_playbook
+from conftest import INVENTORIES, run_playbook
 
 PLAY = """
 - name: Argument validation of {role}
@@ -135,7 +135,7 @@ INVENTORY_PLAY = """
 """
 
 
-@pytest.mark.parametrize("env", ["dev", "svt", "prod", "local"])
+@pytest.mark.parametrize("env", INVENTORIES)
 def test_every_inventory_passes_the_argument_specs(env, tmp_path, ansible_bin, ansible_env):
     # Values wired in group_vars ("{{ modelserve_http_port }}" for an int) pass the specs as templated.
     # Each host is validated on the controller (connection local), as every role: only validation runs.

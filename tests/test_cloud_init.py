@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, run_playbook
+from conftest import OPENSTACK_INVENTORIES, ROOT, run_playbook
 
-ENVS = ["dev", "svt", "prod"]
+ENVS = OPENSTACK_INVENTORIES
 ROLE_GROUPS = ["broker", "frontend", "workers", "development"]
 PUBLIC_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyForTestsOnly0000000000000000000000 test@modelserve"
 

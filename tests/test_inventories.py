@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_playbook
+from conftest import INVENTORIES, run_playbook
 from test_playbooks import role_inputs_set_by_plays, role_vars_set_by_plays
 
 ROOT = Path(__file__).resolve().parent.parent
-ENVS = ["local", "dev", "svt", "prod"]
+ENVS = INVENTORIES
 ROLE_INPUTS = role_inputs_set_by_plays()
 WIRED = ["model_serving_http_port", "rabbitmq_amqp_port", "common_firewall_rules_by_group"]
 
@@ -173,3 +173,73 @@ def test_every_environment_declares_its_addresses(env):
 def test_no_real_vault_file_is_committed():
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout
     assert not [p for p in tracked.splitlines() if p.endswith("vault.yml")]
+
+
+def test_every_environment_is_tested():
+    # The tests take the inventories from the directory: make sure they find them.
+    assert {"local", "dev", "svt", "prod", "openstack-local"} <= set(INVENTORIES)
+
+
+# What inventories/openstack-local may set differently from prod, by file: only what the local
+# OpenStack has (cloud, image, flavor, network, no block storage), its addresses and its host names.
+OPENSTACK_LOCAL_DIFFERS = {
+    "group_vars/all/environment.yml": {"modelserve_environment", "modelserve_cluster_cidrs"},
+    "group_vars/all/openstack.yml": {
+        "openstack_vm_cloud",
+        "openstack_vm_image",
+        "openstack_vm_flavor",
+        "openstack_vm_network",
+        "openstack_vm_volume_size",
+        "openstack_vm_admin_cidrs",
+        "openstack_vm_ssh_jump_host",
+    },
+    "openstack.yml": {"only_clouds", "server_filters.tags"},
+}
+
+
+def _group_tree(node, name="all", tree=None) -> dict[str, tuple[list[str], bool, list[str]]]:
+    """Group -> (child groups, whether it has hosts, variable names set inline) of a hosts.yml tree."""
+    tree = {} if tree is None else tree
+    node = node or {}
+    children = node.get("children") or {}
+    tree[name] = (sorted(children), bool(node.get("hosts")), sorted(_inventory_hosts_vars(node)))
+    for child, sub in children.items():
+        _group_tree(sub, child, tree)
+    return tree
+
+
+def _flat(data, prefix="") -> dict:
+    """Nested mappings as dotted keys (server_filters.tags)."""
+    flat = {}
+    for key, value in (data or {}).items():
+        if isinstance(value, dict) and value:
+            flat |= _flat(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _settings(env: str) -> dict[str, dict]:
+    """Each variable file of an inventory (group/host vars, examples, dynamic inventory) -> its values."""
+    base = ROOT / "inventories" / env
+    files = [p for sub in ("group_vars", "host_vars") for p in sorted((base / sub).rglob("*")) if p.is_file()]
+    return {
+        str(p.relative_to(base)): _flat(yaml.safe_load(p.read_text()))
+        for p in [*files, base / "openstack.yml"]
+    }
+
+
+def test_openstack_local_is_prod_on_the_local_cloud():
+    # The local OpenStack run exercises prod's settings, not a special case: same groups, same
+    # variable files and variables, the same values but for what OPENSTACK_LOCAL_DIFFERS lists.
+    def tree(env):
+        return _group_tree(yaml.safe_load((ROOT / "inventories" / env / "hosts.yml").read_text())["all"])
+
+    assert tree("openstack-local") == tree("prod")
+    prod, local = _settings("prod"), _settings("openstack-local")
+    assert set(local) == set(prod), "inventories/openstack-local must have prod's variable files"
+    for path, values in prod.items():
+        assert set(local[path]) == set(values), f"{path}: openstack-local must set what prod sets"
+        allowed = OPENSTACK_LOCAL_DIFFERS.get(path, set())
+        differ = {k for k in values if local[path][k] != values[k]}
+        assert differ <= allowed, f"{path}: openstack-local differs from prod in {sorted(differ - allowed)}"
