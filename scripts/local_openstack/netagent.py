@@ -226,9 +226,7 @@ def ensure_external(snap: dict) -> list[str]:
         for addr in have - want:
             run("ip", "addr", "del", addr, "dev", bridge)
         # Out of this host only, not onto a cloud bridge (bridged packets pass POSTROUTING too).
-        nat += [
-            f"-A {NAT_CHAIN} -s {s.cidr} ! -o brq+ -j MASQUERADE" for s in v4_subnets(snap, network.id)
-        ]
+        nat += [f"-A {NAT_CHAIN} -s {s.cidr} ! -o brq+ -j MASQUERADE" for s in v4_subnets(snap, network.id)]
     return nat
 
 
