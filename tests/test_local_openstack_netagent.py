@@ -124,3 +124,18 @@ def test_a_rule_without_protocol_or_remote_matches_everything(snap):
     assert netagent.rule_match(rule("ingress", proto="icmp", port=8), {}) == ["-p icmp --icmp-type 8/8"]
     # A remote group with no members admits nobody (not everybody).
     assert netagent.rule_match(rule("ingress", group="empty", port=22), {}) == []
+
+
+def test_ipv6_is_default_deny_too(snap):
+    snap["groups"][WEB].security_group_rules.append(
+        rule("ingress", prefix="::/0", port=8080, ethertype="IPv6")
+    )
+    _, rules = netagent.filter_rules(snap, family=6)
+    ingress_web = chain(rules, "msos-iaaaaaaaaaa")
+    assert "-A msos-iaaaaaaaaaa -p tcp --dport 8080:8080 -s ::/0 -j RETURN" in ingress_web
+    assert "-A msos-iaaaaaaaaaa -p ipv6-icmp -j RETURN" in ingress_web  # neighbour discovery
+    assert ingress_web[-1] == "-A msos-iaaaaaaaaaa -j DROP"
+    # The database admits the web group over IPv4 only: no IPv6 member, no IPv6 rule.
+    assert chain(rules, "msos-icccccccccc")[-1] == "-A msos-icccccccccc -j DROP"
+    assert not any("5432" in r for r in chain(rules, "msos-icccccccccc"))
+    assert "-A msos-saaaaaaaaaa -s fe80::/64 -m mac --mac-source fa:16:3e:00:00:11 -j RETURN" in rules

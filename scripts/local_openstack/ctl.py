@@ -892,6 +892,16 @@ def check_public_cidr() -> None:
                     die(f"the external network {PUBLIC_CIDR} holds {host}'s address {info[4][0]}")
 
 
+def check_bridge_netfilter() -> None:
+    """Security groups filter the servers' bridged traffic in iptables: br_netfilter must pass it."""
+    for tool in ("iptables", "ip6tables"):
+        switch = Path(f"/proc/sys/net/bridge/bridge-nf-call-{tool}")
+        if not switch.exists():
+            die("security groups need br_netfilter (modprobe br_netfilter, or a kernel with it built in)")
+        if switch.read_text().strip() != "1":
+            switch.write_text("1\n")
+
+
 def cmd_up() -> None:
     t0 = time.monotonic()
     state = load_state()
@@ -907,6 +917,7 @@ def cmd_up() -> None:
     if not Path(RABBITMQ_SERVER).exists():
         die("rabbitmq-server not found: apt-get install rabbitmq-server")
     check_public_cidr()
+    check_bridge_netfilter()
     install()
     build_cloud_image()
     t1 = time.monotonic()

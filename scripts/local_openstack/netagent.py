@@ -10,8 +10,9 @@ makes the host match them:
   drops), default deny, rules by CIDR or remote group (its members' fixed IPs), anti-spoofing
   (the port's MAC and fixed IPs plus its allowed address pairs). A change of rules or memberships
   is applied on the next pass, atomically (iptables-restore). The guest cannot see or touch any of
-  it: the rules live in the host's namespace, on the host side of the port. IPv4 only (the test
-  networks have no IPv6 subnet).
+  it: the rules live in the host's namespace, on the host side of the port. IPv4 and IPv6 alike
+  (iptables and ip6tables; for IPv6 also the port's link-local range and neighbour discovery),
+  so a guest cannot go around its neighbour's rules over link-local IPv6. ARP is not filtered.
 - **Routers** as the L3 agent makes them: a `qrouter-<id>` namespace with a `qr-` port on each
   tenant subnet (its gateway address) and a `qg-` port on the external network; source NAT to the
   gateway address; each floating IP on the `qg-` port with DNAT/SNAT to its fixed IP.
@@ -92,35 +93,44 @@ def server_ports(snap: dict) -> list:
 
 
 # --- security groups (host iptables, filter table) ----------------------------------------------
-def rule_match(rule: dict, members: dict[str, list[str]]) -> list[str]:
+def is_family(address: str, family: int) -> bool:
+    return (":" in address) == (family == 6)
+
+
+def rule_match(rule: dict, members: dict[str, list[str]], family: int = 4) -> list[str]:
     """iptables matches of one Neutron rule; one entry per remote address (empty: matches none)."""
     proto = rule.get("protocol")
     parts: list[str] = []
     if proto not in (None, "", "any"):
-        proto = {"6": "tcp", "17": "udp", "1": "icmp"}.get(str(proto), str(proto))
+        icmp = "icmp" if family == 4 else "ipv6-icmp"
+        proto = {"6": "tcp", "17": "udp", "1": icmp, "58": icmp, "icmp": icmp}.get(str(proto), str(proto))
         parts += ["-p", proto]
         lo, hi = rule.get("port_range_min"), rule.get("port_range_max")
         if proto in ("tcp", "udp") and lo is not None:
             parts += ["--dport", f"{lo}:{hi if hi is not None else lo}"]
-        elif proto == "icmp" and lo is not None:
-            parts += ["--icmp-type", f"{lo}/{hi}" if hi is not None else str(lo)]
+        elif proto == icmp and lo is not None:
+            option = "--icmp-type" if family == 4 else "--icmpv6-type"
+            parts += [option, f"{lo}/{hi}" if hi is not None else str(lo)]
     flag = "-s" if rule["direction"] == "ingress" else "-d"
     if rule.get("remote_ip_prefix"):
         remotes = [rule["remote_ip_prefix"]]
     elif rule.get("remote_group_id"):
-        remotes = [f"{ip}/32" for ip in members.get(rule["remote_group_id"], [])]
+        host_bits = 32 if family == 4 else 128
+        remotes = [f"{ip}/{host_bits}" for ip in members.get(rule["remote_group_id"], [])]
     else:
         remotes = [""]
     return [" ".join(parts + ([flag, r] if r else [])) for r in remotes]
 
 
-def filter_rules(snap: dict) -> tuple[list[str], list[str]]:
-    """The chains and rules of the filter table (iptables-restore lines) and the chains used."""
+def filter_rules(snap: dict, family: int = 4) -> tuple[list[str], list[str]]:
+    """The chains and rules of the filter table (iptables-restore lines, or ip6tables-restore for
+    family 6) and the chains used."""
+    ethertype = f"IPv{family}"
     members: dict[str, list[str]] = {}
     for p in snap["ports"]:
         for g in p.security_group_ids or []:
             members.setdefault(g, []).extend(
-                ip["ip_address"] for ip in p.fixed_ips if ":" not in ip["ip_address"]
+                ip["ip_address"] for ip in p.fixed_ips if is_family(ip["ip_address"], family)
             )
     chains = [FORWARD_CHAIN, SG_CHAIN]
     fwd: list[str] = []
@@ -138,27 +148,37 @@ def filter_rules(snap: dict) -> tuple[list[str], list[str]]:
         chains += [ingress, egress, spoof]
         sg += [f"-A {SG_CHAIN} {out_dev} -j {ingress}", f"-A {SG_CHAIN} {in_dev} -j {egress}"]
         rules = [r for g in port.security_group_ids or [] for r in snap["groups"][g].security_group_rules]
-        rules = [r for r in rules if r.get("ethertype", "IPv4") == "IPv4"]
+        rules = [r for r in rules if r.get("ethertype", "IPv4") == ethertype]
         stateful = [
             "-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
             "-m conntrack --ctstate INVALID -j DROP",
         ]
+        # IPv6 needs neighbour discovery both ways, as Neutron allows it.
+        stateful += ["-p ipv6-icmp -j RETURN"] if family == 6 else []
         per_port += [f"-A {ingress} {m}" for m in stateful]
         for rule in (r for r in rules if r["direction"] == "ingress"):
-            per_port += [f"-A {ingress} {m} -j RETURN".replace("  ", " ") for m in rule_match(rule, members)]
+            matches = rule_match(rule, members, family)
+            per_port += [f"-A {ingress} {m} -j RETURN".replace("  ", " ") for m in matches]
         per_port.append(f"-A {ingress} -j DROP")
-        # Anti-spoofing: the port's MAC with its fixed IPs or allowed address pairs, nothing else.
-        pairs = [(port.mac_address, ip["ip_address"]) for ip in port.fixed_ips if ":" not in ip["ip_address"]]
+        # Anti-spoofing: the port's MAC with its fixed IPs or allowed address pairs (and, for IPv6,
+        # its link-local address range), nothing else.
+        pairs = [
+            (port.mac_address, ip["ip_address"])
+            for ip in port.fixed_ips
+            if is_family(ip["ip_address"], family)
+        ]
         pairs += [
             (a.get("mac_address") or port.mac_address, a["ip_address"])
             for a in port.allowed_address_pairs or []
-            if ":" not in a["ip_address"]
+            if is_family(a["ip_address"], family)
         ]
+        pairs += [(port.mac_address, "fe80::/64")] if family == 6 else []
         per_port += [f"-A {spoof} -s {ip} -m mac --mac-source {mac} -j RETURN" for mac, ip in pairs]
         per_port.append(f"-A {spoof} -j DROP")
         per_port += [f"-A {egress} -j {spoof}", *(f"-A {egress} {m}" for m in stateful)]
         for rule in (r for r in rules if r["direction"] == "egress"):
-            per_port += [f"-A {egress} {m} -j RETURN".replace("  ", " ") for m in rule_match(rule, members)]
+            matches = rule_match(rule, members, family)
+            per_port += [f"-A {egress} {m} -j RETURN".replace("  ", " ") for m in matches]
         per_port.append(f"-A {egress} -j DROP")
     sg.append(f"-A {SG_CHAIN} -j ACCEPT")
     # Anything else bridged from or to a server's tap (a port this agent does not know yet): drop.
@@ -166,8 +186,8 @@ def filter_rules(snap: dict) -> tuple[list[str], list[str]]:
         f"-A {FORWARD_CHAIN} -m physdev --physdev-in tap+ --physdev-is-bridged -j DROP",
         f"-A {FORWARD_CHAIN} -m physdev --physdev-out tap+ --physdev-is-bridged -j DROP",
     ]
-    # Routers' external traffic, routed by this host to the rest of the world and back.
-    for network in external_networks(snap):
+    # Routers' external traffic, routed by this host to the rest of the world and back (IPv4).
+    for network in external_networks(snap) if family == 4 else []:
         bridge = names.bridge(network.id)
         fwd += [
             f"-A {FORWARD_CHAIN} -i {bridge} ! -o {bridge} -j ACCEPT",
@@ -176,13 +196,19 @@ def filter_rules(snap: dict) -> tuple[list[str], list[str]]:
     return chains, fwd + sg + per_port
 
 
-def existing_chains(table: str) -> set[str]:
-    out = run("iptables-save", "-t", table).stdout
+def tool(family: int) -> str:
+    return "iptables" if family == 4 else "ip6tables"
+
+
+def existing_chains(table: str, family: int) -> set[str]:
+    out = run(f"{tool(family)}-save", "-t", table).stdout
     return {line[1:].split()[0] for line in out.splitlines() if line.startswith(":" + PREFIX)}
 
 
-def apply_table(table: str, chains: list[str], rules: list[str], hooks: dict[str, str]) -> None:
-    stale = sorted(existing_chains(table) - set(chains))
+def apply_table(
+    table: str, chains: list[str], rules: list[str], hooks: dict[str, str], family: int = 4
+) -> None:
+    stale = sorted(existing_chains(table, family) - set(chains))
     lines = [
         f"*{table}",
         *(f":{c} - [0:0]" for c in chains + stale),
@@ -190,10 +216,10 @@ def apply_table(table: str, chains: list[str], rules: list[str], hooks: dict[str
         *(f"-X {c}" for c in stale),
         "COMMIT",
     ]
-    run("iptables-restore", "--noflush", input_text="\n".join(lines) + "\n")
+    run(f"{tool(family)}-restore", "--noflush", input_text="\n".join(lines) + "\n")
     for builtin, chain in hooks.items():
-        if run("iptables", "-t", table, "-C", builtin, "-j", chain, check=False).returncode != 0:
-            run("iptables", "-t", table, "-I", builtin, "1", "-j", chain)
+        if run(tool(family), "-t", table, "-C", builtin, "-j", chain, check=False).returncode != 0:
+            run(tool(family), "-t", table, "-I", builtin, "1", "-j", chain)
 
 
 # --- external networks and routers --------------------------------------------------------------
@@ -354,9 +380,11 @@ def sync(conn, last: dict) -> None:
     nat = ensure_external(snap)
     namespaces = ensure_routers(snap)
     chains, rules = filter_rules(snap)
-    digest = hashlib.sha256("\n".join(chains + rules + nat).encode()).hexdigest()
+    chains6, rules6 = filter_rules(snap, family=6)
+    digest = hashlib.sha256("\n".join(chains + rules + chains6 + rules6 + nat).encode()).hexdigest()
     if digest != last.get("digest"):
         apply_table("filter", chains, rules, {"FORWARD": FORWARD_CHAIN})
+        apply_table("filter", chains6, rules6, {"FORWARD": FORWARD_CHAIN}, family=6)
         apply_table("nat", [NAT_CHAIN], nat, {"POSTROUTING": NAT_CHAIN})
         log(
             f"applied {len(rules)} filter rules for {len(server_ports(snap))} server ports,"
@@ -368,10 +396,15 @@ def sync(conn, last: dict) -> None:
 
 def cleanup() -> None:
     remove_stale(None, set())
-    for table, hook, chain in (("filter", "FORWARD", FORWARD_CHAIN), ("nat", "POSTROUTING", NAT_CHAIN)):
-        while run("iptables", "-t", table, "-D", hook, "-j", chain, check=False).returncode == 0:
-            pass
-        apply_table(table, [], [], {})
+    for family, table, hook, chain in (
+        (4, "filter", "FORWARD", FORWARD_CHAIN),
+        (6, "filter", "FORWARD", FORWARD_CHAIN),
+        (4, "nat", "POSTROUTING", NAT_CHAIN),
+    ):
+        for _ in range(10):  # the hook's jumps (one, unless someone added more)
+            if run(tool(family), "-t", table, "-D", hook, "-j", chain, check=False).returncode != 0:
+                break
+        apply_table(table, [], [], {}, family)
     for dev in Path("/sys/class/net").iterdir():
         if dev.name.startswith("brq"):
             run("ip", "link", "del", dev.name, check=False)
