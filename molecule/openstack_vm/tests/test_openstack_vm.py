@@ -226,7 +226,13 @@ def test_shipped_dynamic_inventory_finds_the_servers(servers):
 
 # --- the servers are hosts that booted as a cloud's do ------------------------------------------
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_server_booted_by_cloud_init_from_nova_metadata(added, servers, name):
+def test_server_booted_by_cloud_init_from_nova_metadata(added, admin, conn, servers, name):
+    # The seed the guest read is nova's: the user-data byte for byte, the keypair's key.
+    seed = ssh(added, name, "cat /var/lib/cloud/seed/nocloud/user-data")
+    stored = admin.compute.get_server(servers[name].id).user_data
+    assert seed.returncode == 0 and seed.stdout == base64.b64decode(stored).decode(), name
+    meta = ssh(added, name, "cat /var/lib/cloud/seed/nocloud/meta-data").stdout
+    assert conn.compute.get_keypair(PREFIX).public_key.strip() in meta
     res = ssh(added, name, "hostname; cloud-init status; cat /run/cloud-init/instance-data.json")
     assert res.returncode == 0, res.stderr
     hostname, status, data = res.stdout.split("\n", 2)
@@ -309,6 +315,25 @@ def test_rule_and_membership_changes_reach_the_wire(conn, added, servers):
     finally:
         conn.network.update_port(port, security_groups=[frontend.id])
     assert _wait_for(lambda: not tcp_open(added, "osl-frontend-1", worker1, 22)), "old membership applied"
+
+
+def _container_running(server_id):
+    res = subprocess.run(
+        ["docker", "inspect", "-f", "{{.State.Running}}", f"nova-{server_id}"], capture_output=True, text=True
+    )
+    return res.stdout.strip() == "true"
+
+
+def test_a_stopped_worker_is_down_and_comes_back_on_start(conn, added, servers):
+    server = servers["osl-worker-2"]
+    conn.compute.stop_server(server)
+    conn.compute.wait_for_server(conn.compute.get_server(server.id), status="SHUTOFF", wait=120)
+    assert not _container_running(server.id)
+    assert not tcp_open(added, "osl-dev-1", fixed_ip(server), 22)
+    conn.compute.start_server(server)
+    conn.compute.wait_for_server(conn.compute.get_server(server.id), status="ACTIVE", wait=120)
+    assert _container_running(server.id)
+    assert _wait_for(lambda: tcp_open(added, "osl-dev-1", fixed_ip(server), 22), timeout=60)
 
 
 def test_a_rebooted_worker_comes_back_on_its_port_and_serves(conn, added, servers):
