@@ -1,8 +1,9 @@
 """ML2 mechanism driver for the local test cloud: binds every port (vif type ovs) without agents.
 
 Installed into the neutron venv by scripts/local-openstack with an entry point
-`neutron.ml2.mechanism_drivers = modelserve_bindall`. Nothing carries packets: the compute driver
-is nova's fake driver, so a bound, ACTIVE port is all a server needs to become ACTIVE.
+`neutron.ml2.mechanism_drivers = modelserve_bindall`. No Neutron agent runs: the compute driver
+plumbs each port (modelserve_containers.py) and netagent.py filters and routes it, so a bound,
+ACTIVE port is all a server needs to become ACTIVE.
 
 It also stands in for the L3 agent's status report: a floating IP becomes ACTIVE when it is
 associated with a port and DOWN when not (openstacksdk waits for ACTIVE when attaching one).
