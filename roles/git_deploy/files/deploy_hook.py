@@ -379,8 +379,8 @@ def change_fleet(conf: dict, version: str, release: Path, served: dict[str, str]
     activated = []
     try:
         for target in moving:
-            activated.append(target)
             run_on(conf, target, "activate", version)
+            activated.append(target)  # a failed activate leaves `current` as it was
         for target in targets:
             confirm(conf, target, version)
         if conf.get("api_url") and moving:
