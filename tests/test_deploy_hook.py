@@ -101,12 +101,25 @@ def release(work: Path, version: str, **metrics) -> None:
     meta["version"] = version
     meta["metrics"].update(metrics)
     (rel / "metadata.json").write_text(json.dumps(meta))
+    commit(work, version)
+
+
+def commit(work: Path, message: str) -> None:
     assert git("add", "-A", cwd=work).returncode == 0
-    assert git("commit", "-q", "-m", version, cwd=work).returncode == 0
+    assert git("commit", "-q", "-m", message, cwd=work).returncode == 0
 
 
 def push(work, ref="main"):
     return git("push", "production", f"HEAD:{ref}", cwd=work)
+
+
+def refused(work, *texts):
+    """Push; the push fails and its output says each of `texts`."""
+    res = push(work)
+    assert res.returncode != 0
+    for text in texts:
+        assert text in res.stderr, res.stderr
+    return res
 
 
 def branch_exists(bare, name="main"):
@@ -130,19 +143,14 @@ def test_a_higher_valid_version_is_accepted(prod):
 def test_same_or_lower_version_is_refused_and_nothing_is_stored(prod):
     work, bare = prod
     release(work, "1.0.0")
-    res = push(work)
-    assert res.returncode != 0
-    assert "version 1.0.0 is not higher than the served 1.0.0" in res.stderr
-    assert "production keeps serving 1.0.0" in res.stderr
+    refused(work, "version 1.0.0 is not higher than the served 1.0.0", "production keeps serving 1.0.0")
     assert not branch_exists(bare)
 
 
 def test_accuracy_under_the_threshold_is_refused(prod):
     work, _ = prod
     release(work, "1.2.0", heldout_accuracy=0.5)
-    res = push(work)
-    assert res.returncode != 0
-    assert "below the production threshold 0.65" in res.stderr
+    refused(work, "below the production threshold 0.65")
 
 
 def test_a_corrupt_model_file_is_refused(prod):
@@ -150,31 +158,23 @@ def test_a_corrupt_model_file_is_refused(prod):
     release(work, "1.3.0")
     (work / "release" / "model.tflite").write_bytes(b"garbage")
     git("commit", "-qam", "corrupt", cwd=work)
-    res = push(work)
-    assert res.returncode != 0
-    assert "REJECTED: invalid model release" in res.stderr and "model.tflite" in res.stderr
+    refused(work, "REJECTED: invalid model release", "model.tflite")
     assert not branch_exists(bare)
 
 
 def test_a_tree_without_a_release_is_refused(prod):
     work, _ = prod
     (work / "README").write_text("no model here\n")
-    git("add", "-A", cwd=work)
-    git("commit", "-qm", "docs", cwd=work)
-    res = push(work)
-    assert res.returncode != 0
-    assert "has no 'release/' directory" in res.stderr
+    commit(work, "docs")
+    refused(work, "has no 'release/' directory")
 
 
 def test_an_oversized_release_is_refused(prod):
     work, _ = prod
     release(work, "1.4.0")
     (work / "release" / "notes.bin").write_bytes(os.urandom(3 * 2**20))
-    git("add", "-A", cwd=work)
-    git("commit", "-qm", "big", cwd=work)
-    res = push(work)
-    assert res.returncode != 0
-    assert "over the 2 MiB limit" in res.stderr
+    commit(work, "big")
+    refused(work, "over the 2 MiB limit")
 
 
 def test_other_branches_pass_the_gate_untouched(prod):
@@ -190,9 +190,7 @@ def test_an_unreachable_target_refuses_the_push_before_anything_changes(prod):
     unreachable = {"name": "gone", "address": "gone.invalid", "user": "deploy", "local": False}
     reconfigure(bare, targets=[*conf_of(bare)["targets"], unreachable])
     release(work, "1.1.0")
-    res = push(work)
-    assert res.returncode != 0
-    assert "REJECTED: gone: current failed" in res.stderr and "nothing was changed" in res.stderr
+    refused(work, "REJECTED: gone: current failed", "nothing was changed")
     assert not branch_exists(bare)
     assert serving(bare) == "1.0.0"
     assert not (bare.parent / "srv" / "releases" / "1.1.0").exists()
@@ -203,10 +201,7 @@ def test_a_failure_after_activation_puts_every_target_back_and_names_where(prod)
     # Activation succeeds here, then the front end never reports the release: all of it is undone.
     reconfigure(bare, api_url="http://127.0.0.1:9/api/v1/model")
     release(work, "1.1.0")
-    res = push(work)
-    assert res.returncode != 0
-    assert "deploy of 1.1.0 FAILED on the front end" in res.stderr
-    assert "every target is back on 1.0.0" in res.stderr
+    refused(work, "deploy of 1.1.0 FAILED on the front end", "every target is back on 1.0.0")
     assert serving(bare) == "1.0.0"
     assert not branch_exists(bare)  # the branch stays what production serves
     assert state(bare)["desired"] == "1.0.0"
@@ -223,10 +218,11 @@ def test_a_push_during_another_change_waits_a_bounded_time_then_is_refused(prod)
     with open(lock_dir / "lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         release(work, "1.1.0")
-        res = push(work)
-    assert res.returncode != 0
-    assert "waiting up to 2 s for the rollback to 0.9.0" in res.stderr
-    assert "the rollback to 0.9.0 (pid 1) still holds the change lock after 2 s" in res.stderr
+        refused(
+            work,
+            "waiting up to 2 s for the rollback to 0.9.0",
+            "the rollback to 0.9.0 (pid 1) still holds the change lock after 2 s",
+        )
     assert not branch_exists(bare)
     assert serving(bare) == "1.0.0"
     assert push(work).returncode == 0  # once it is released
