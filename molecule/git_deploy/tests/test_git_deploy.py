@@ -174,9 +174,10 @@ def desired():
 
 
 def playbook(name, *args):
-    """Run one of the collection's playbooks on this scenario's hosts, as a user would."""
+    """Run one of the collection's playbooks on this scenario's hosts, as a user would (-v: with
+    the commands' output)."""
     inventory = str(Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent)  # with its group_vars
-    cmd = ["ansible-playbook", "-i", inventory, str(ROOT / "playbooks" / name), *args]
+    cmd = ["ansible-playbook", "-v", "-i", inventory, str(ROOT / "playbooks" / name), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
 
 
@@ -189,7 +190,7 @@ def test_production_records_the_release_it_serves(url):
 def test_push_with_a_worker_unreachable_is_refused_before_anything_changes(url):
     commit_release("1.2.0")  # kept for the next tests
     w2 = host("gd-worker2")
-    assert w2.run("systemctl stop ssh.service").rc == 0
+    assert w2.run("systemctl stop ssh.socket ssh.service").rc == 0  # new connections refused
     try:
         out = push()
     finally:
