@@ -8,11 +8,14 @@ record, the change lock, all-or-nothing restores and rollback to a named release
 
 import fcntl
 import getpass
+import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -269,3 +272,44 @@ def test_sync_serves_the_desired_release_and_never_an_unrecorded_older_one(prod)
     res = hook("sync")
     assert res.returncode != 0 and "here serves 9.0.0, newer than the desired 1.1.0" in res.stdout
     assert serving(bare) == "9.0.0"
+
+
+def test_of_two_concurrent_pushes_the_second_waits_and_is_refused_because_the_branch_moved(prod):
+    work, bare = prod
+
+    # A front end that takes 2 s to report the release keeps the first deploy busy.
+    class SlowModel(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            time.sleep(2)
+            body = json.dumps({"version": "1.1.0"}).encode()
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowModel)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    reconfigure(bare, api_url=f"http://127.0.0.1:{server.server_port}/", switch_timeout=10, lock_timeout=20)
+    second = bare.parent / "second"
+    shutil.copytree(work, second)
+    release(work, "1.1.0")
+    release(second, "1.2.0")
+    first = subprocess.Popen(
+        ["git", "push", "production", "HEAD:main"], cwd=work, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        info = bare.parent / "state" / "lock.info"
+        deadline = time.monotonic() + 10
+        while not (info.exists() and "push of" in info.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        res = push(second)
+    finally:
+        _, first_err = first.communicate(timeout=60)
+        server.shutdown()
+    assert first.returncode == 0, first_err
+    assert res.returncode != 0
+    assert "waiting up to 20 s for the push of" in res.stderr, res.stderr
+    assert "moved to" in res.stderr and "while this push waited" in res.stderr
+    assert serving(bare) == "1.1.0" and state(bare)["desired"] == "1.1.0"
