@@ -485,7 +485,8 @@ def post_receive(conf: dict, lines: list[str]) -> int:
 def serve_desired(conf: dict, action: str, version: str | None = None) -> int:
     """Rollback (to `version`, default the one served before) or sync (to the desired release)."""
     try:
-        with change_lock(conf, action):
+        what = f"rollback to {version or 'the release served before'}"
+        with change_lock(conf, what if action == "rollback" else "site.yml release sync"):
             state = adopted_state(conf)
             current = state["desired"]
             if action == "rollback":
