@@ -274,6 +274,7 @@ def test_a_rebuilt_worker_serves_the_desired_release_after_site_delivery_play(ur
     assert res.returncode == 0, res.stdout[-3000:]
     assert "gd-worker2 now serve 1.3.0" in res.stdout
     assert serving("1.3.0")
+    time.sleep(2)  # each worker process looks at `current` again within its check interval
     answers = {requests.get(f"{url}/api/v1/model", timeout=5).json()["version"] for _ in range(20)}
     assert answers == {"1.3.0"}  # one API, one model
     res = playbook("cicd.yml", "--limit", "workers")  # a second run changes nothing
