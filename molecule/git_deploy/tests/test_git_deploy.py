@@ -289,5 +289,6 @@ def test_rollback_to_a_named_release_reaches_a_worker_that_never_had_it(url):
     assert served(url) == "1.2.0" and serving("1.2.0")
     assert desired()["desired"] == "1.2.0"
     res = playbook("rollback.yml", "-e", "version=0.0.9")  # not in the store: refused, unchanged
-    assert res.returncode != 0 and "release 0.0.9 is not in the release store" in res.stdout
+    assert res.returncode != 0
+    assert "release 0.0.9 is not in the release store" in res.stdout + res.stderr  # fatal: on stderr
     assert served(url) == "1.2.0" and serving("1.2.0")
