@@ -1,15 +1,21 @@
-"""The git_deploy pre-receive hook against a real bare repository and real `git push`es.
+"""The git_deploy hooks against a real bare repository, real `git push`es and a real model directory.
 
-The full deploy (fan-out over SSH, sudo, the served API) is covered by molecule/git_deploy; this
-checks the gate itself quickly: what is refused, with which message, and that a refusal stores
-nothing.
+The fan-out over SSH, sudo and the served API are covered by molecule/git_deploy; this checks the
+gate and the change logic quickly, with this host as the one target (the app's own release tool,
+no sudo): what is refused, with which message, that a refusal changes nothing, the desired-release
+record, the change lock, all-or-nothing restores and rollback to a named release.
 """
 
+import fcntl
+import getpass
+import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -38,15 +44,18 @@ def prod(tmp_path):
         "min_accuracy": 0.65,
         "max_release_bytes": 2 * 2**20,
         "keep": 3,
-        "switch_timeout": 5,
-        "api_url": "http://127.0.0.1:9/api/v1/model",
+        "switch_timeout": 1,
+        "api_url": "",  # no front end here: each target's own confirmation only
         "model_dir": str(model_dir),
-        "model_user": "nobody",
-        "cli": "/bin/false",
+        "model_user": getpass.getuser(),  # the release tool runs without sudo
+        "cli": str(Path(sys.executable).parent / "modelserve-release"),
         "incoming": str(tmp_path / "incoming"),
         "log": str(tmp_path / "deploy.log"),
-        "targets": [],
+        "state_dir": str(tmp_path / "state"),
+        "lock_timeout": 2,
+        "targets": [{"name": "here", "address": "127.0.0.1", "user": "deploy", "local": True}],
     }
+    (tmp_path / "state").mkdir()
     (tmp_path / "deploy.json").write_text(json.dumps(conf))
     bare = tmp_path / "models.git"
     assert git("init", "--bare", "-q", "--initial-branch=main", str(bare), cwd=tmp_path).returncode == 0
@@ -67,6 +76,26 @@ def prod(tmp_path):
     os.environ.pop("MODELSERVE_DEPLOY_CONFIG", None)
 
 
+def conf_of(bare: Path) -> dict:
+    return json.loads((bare.parent / "deploy.json").read_text())
+
+
+def reconfigure(bare: Path, **changes) -> None:
+    (bare.parent / "deploy.json").write_text(json.dumps({**conf_of(bare), **changes}))
+
+
+def serving(bare: Path) -> str:
+    return Path(os.readlink(bare.parent / "srv" / "current")).name
+
+
+def state(bare: Path) -> dict:
+    return json.loads((bare.parent / "state" / "state.json").read_text())
+
+
+def hook(*args):
+    return subprocess.run([sys.executable, str(HOOK), *args], capture_output=True, text=True, check=False)
+
+
 def release(work: Path, version: str, **metrics) -> None:
     rel = work / "release"
     shutil.rmtree(rel, ignore_errors=True)
@@ -75,12 +104,25 @@ def release(work: Path, version: str, **metrics) -> None:
     meta["version"] = version
     meta["metrics"].update(metrics)
     (rel / "metadata.json").write_text(json.dumps(meta))
+    commit(work, version)
+
+
+def commit(work: Path, message: str) -> None:
     assert git("add", "-A", cwd=work).returncode == 0
-    assert git("commit", "-q", "-m", version, cwd=work).returncode == 0
+    assert git("commit", "-q", "-m", message, cwd=work).returncode == 0
 
 
 def push(work, ref="main"):
     return git("push", "production", f"HEAD:{ref}", cwd=work)
+
+
+def refused(work, *texts):
+    """Push; the push fails and its output says each of `texts`."""
+    res = push(work)
+    assert res.returncode != 0
+    for text in texts:
+        assert text in res.stderr, res.stderr
+    return res
 
 
 def branch_exists(bare, name="main"):
@@ -93,25 +135,25 @@ def test_a_higher_valid_version_is_accepted(prod):
     res = push(work)
     assert res.returncode == 0, res.stderr
     assert "release 1.1.0 accepted" in res.stderr
+    assert "deployed 1.1.0 to 1 host(s); each confirmed it serves it" in res.stderr
     assert branch_exists(bare)
+    assert serving(bare) == "1.1.0"
+    # The one record of what production serves, and the store later workers are served from.
+    assert state(bare)["desired"] == "1.1.0" and state(bare)["history"] == ["1.1.0", "1.0.0"]
+    assert sorted(p.name for p in (bare.parent / "state" / "releases").iterdir()) == ["1.0.0", "1.1.0"]
 
 
 def test_same_or_lower_version_is_refused_and_nothing_is_stored(prod):
     work, bare = prod
     release(work, "1.0.0")
-    res = push(work)
-    assert res.returncode != 0
-    assert "version 1.0.0 is not higher than the served 1.0.0" in res.stderr
-    assert "production keeps serving 1.0.0" in res.stderr
+    refused(work, "version 1.0.0 is not higher than the served 1.0.0", "production keeps serving 1.0.0")
     assert not branch_exists(bare)
 
 
 def test_accuracy_under_the_threshold_is_refused(prod):
     work, _ = prod
     release(work, "1.2.0", heldout_accuracy=0.5)
-    res = push(work)
-    assert res.returncode != 0
-    assert "below the production threshold 0.65" in res.stderr
+    refused(work, "below the production threshold 0.65")
 
 
 def test_a_corrupt_model_file_is_refused(prod):
@@ -119,31 +161,23 @@ def test_a_corrupt_model_file_is_refused(prod):
     release(work, "1.3.0")
     (work / "release" / "model.tflite").write_bytes(b"garbage")
     git("commit", "-qam", "corrupt", cwd=work)
-    res = push(work)
-    assert res.returncode != 0
-    assert "REJECTED: invalid model release" in res.stderr and "model.tflite" in res.stderr
+    refused(work, "REJECTED: invalid model release", "model.tflite")
     assert not branch_exists(bare)
 
 
 def test_a_tree_without_a_release_is_refused(prod):
     work, _ = prod
     (work / "README").write_text("no model here\n")
-    git("add", "-A", cwd=work)
-    git("commit", "-qm", "docs", cwd=work)
-    res = push(work)
-    assert res.returncode != 0
-    assert "has no 'release/' directory" in res.stderr
+    commit(work, "docs")
+    refused(work, "has no 'release/' directory")
 
 
 def test_an_oversized_release_is_refused(prod):
     work, _ = prod
     release(work, "1.4.0")
     (work / "release" / "notes.bin").write_bytes(os.urandom(3 * 2**20))
-    git("add", "-A", cwd=work)
-    git("commit", "-qm", "big", cwd=work)
-    res = push(work)
-    assert res.returncode != 0
-    assert "over the 2 MiB limit" in res.stderr
+    commit(work, "big")
+    refused(work, "over the 2 MiB limit")
 
 
 def test_other_branches_pass_the_gate_untouched(prod):
@@ -152,3 +186,130 @@ def test_other_branches_pass_the_gate_untouched(prod):
     res = push(work, "experiment")
     assert res.returncode == 0, res.stderr
     assert branch_exists(bare, "experiment")
+
+
+def test_an_unreachable_target_refuses_the_push_before_anything_changes(prod):
+    work, bare = prod
+    unreachable = {"name": "gone", "address": "gone.invalid", "user": "deploy", "local": False}
+    reconfigure(bare, targets=[*conf_of(bare)["targets"], unreachable])
+    release(work, "1.1.0")
+    refused(work, "REJECTED: gone: current failed", "nothing was changed")
+    assert not branch_exists(bare)
+    assert serving(bare) == "1.0.0"
+    assert not (bare.parent / "srv" / "releases" / "1.1.0").exists()
+
+
+def test_a_failure_after_activation_puts_every_target_back_and_names_where(prod):
+    work, bare = prod
+    # Activation succeeds here, then the front end never reports the release: all of it is undone.
+    reconfigure(bare, api_url="http://127.0.0.1:9/api/v1/model")
+    release(work, "1.1.0")
+    refused(work, "deploy of 1.1.0 FAILED on the front end", "every target is back on 1.0.0")
+    assert serving(bare) == "1.0.0"
+    assert not branch_exists(bare)  # the branch stays what production serves
+    assert state(bare)["desired"] == "1.0.0"
+    reconfigure(bare, api_url="")
+    res = push(work)  # the same commit again, once the cause is fixed
+    assert res.returncode == 0, res.stderr
+    assert serving(bare) == "1.1.0"
+
+
+def test_a_push_during_another_change_waits_a_bounded_time_then_is_refused(prod):
+    work, bare = prod
+    lock_dir = bare.parent / "state"
+    (lock_dir / "lock.info").write_text("the rollback to 0.9.0 (pid 1)\n")
+    with open(lock_dir / "lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        release(work, "1.1.0")
+        refused(
+            work,
+            "waiting up to 2 s for the rollback to 0.9.0",
+            "the rollback to 0.9.0 (pid 1) still holds the change lock after 2 s",
+        )
+    assert not branch_exists(bare)
+    assert serving(bare) == "1.0.0"
+    assert push(work).returncode == 0  # once it is released
+
+
+def test_rollback_to_a_named_release_this_host_no_longer_has(prod):
+    work, bare = prod
+    for version in ("1.1.0", "1.2.0"):
+        release(work, version)
+        assert push(work).returncode == 0
+    assert hook("rollback").returncode == 0  # default: the release served before
+    assert serving(bare) == "1.1.0"
+    assert state(bare)["history"][:3] == ["1.1.0", "1.2.0", "1.1.0"]
+    # This host's own history differs from production's: the release comes from the store.
+    shutil.rmtree(bare.parent / "srv" / "releases" / "1.0.0")
+    res = hook("rollback", "1.0.0")
+    assert res.returncode == 0, res.stdout
+    assert "rolled back from 1.1.0 to 1.0.0" in res.stdout
+    assert serving(bare) == "1.0.0"
+    assert "rolled back 1.1.0 -> 1.0.0" in (bare.parent / "deploy.log").read_text()
+    res = hook("rollback", "0.1.0")
+    assert res.returncode != 0 and "release 0.1.0 is not in the release store" in res.stdout
+    assert serving(bare) == "1.0.0"
+
+
+def test_sync_serves_the_desired_release_and_never_an_unrecorded_older_one(prod):
+    work, bare = prod
+    release(work, "1.1.0")
+    assert push(work).returncode == 0
+    srv = bare.parent / "srv"
+    os.unlink(srv / "current")  # a rebuilt host: the seed only
+    shutil.rmtree(srv / "releases" / "1.1.0")
+    os.symlink("releases/1.0.0", srv / "current")
+    res = hook("sync")
+    assert res.returncode == 0, res.stdout
+    assert "here now serve 1.1.0" in res.stdout and serving(bare) == "1.1.0"
+    assert "every target serves 1.1.0" in hook("sync").stdout
+    # A host ahead of the record (a release production never recorded) is not moved backwards.
+    shutil.copytree(srv / "releases" / "1.1.0", srv / "releases" / "9.0.0")
+    meta = json.loads((srv / "releases" / "9.0.0" / "metadata.json").read_text())
+    (srv / "releases" / "9.0.0" / "metadata.json").write_text(json.dumps({**meta, "version": "9.0.0"}))
+    os.unlink(srv / "current")
+    os.symlink("releases/9.0.0", srv / "current")
+    res = hook("sync")
+    assert res.returncode != 0 and "here serves 9.0.0, newer than the desired 1.1.0" in res.stdout
+    assert serving(bare) == "9.0.0"
+
+
+def test_of_two_concurrent_pushes_the_second_waits_and_is_refused_because_the_branch_moved(prod):
+    work, bare = prod
+
+    # A front end that takes 2 s to report the release keeps the first deploy busy.
+    class SlowModel(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            time.sleep(2)
+            body = json.dumps({"version": "1.1.0"}).encode()
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowModel)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    reconfigure(bare, api_url=f"http://127.0.0.1:{server.server_port}/", switch_timeout=10, lock_timeout=20)
+    second = bare.parent / "second"
+    shutil.copytree(work, second)
+    release(work, "1.1.0")
+    release(second, "1.2.0")
+    first = subprocess.Popen(
+        ["git", "push", "production", "HEAD:main"], cwd=work, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        info = bare.parent / "state" / "lock.info"
+        deadline = time.monotonic() + 10
+        while not (info.exists() and "push of" in info.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        res = push(second)
+    finally:
+        _, first_err = first.communicate(timeout=60)
+        server.shutdown()
+    assert first.returncode == 0, first_err
+    assert res.returncode != 0
+    assert "waiting up to 20 s for the push of" in res.stderr, res.stderr
+    assert "moved to" in res.stderr and "while this push waited" in res.stderr
+    assert serving(bare) == "1.1.0" and state(bare)["desired"] == "1.1.0"

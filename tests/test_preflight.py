@@ -166,6 +166,9 @@ def test_git_deploy_production_needs_the_apps_release_tool(tmp_path, ansible_bin
         ({"git_deploy_min_accuracy": "high"}, "argument 'git_deploy_min_accuracy' is of type str"),
         ({"git_deploy_targets": []}, "which must not be empty"),
         ({"git_deploy_releases_keep": 1}, "git_deploy_releases_keep at least 2"),
+        ({"git_deploy_lock_timeout": 0}, "git_deploy_lock_timeout positive"),
+        # A run limited away from the repository host would leave joining workers on the seed model.
+        ({"git_deploy_repo_host": "f1", "git_deploy_targets": ["w1", "f1"]}, "must be in this play"),
     ],
 )
 def test_git_deploy_bad_input_is_refused_by_name(tmp_path, ansible_bin, ansible_env, extra, message):

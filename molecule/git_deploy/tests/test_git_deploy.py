@@ -2,13 +2,19 @@
 
 The tests run in file order and build on each other: a good release is pushed and served, bad
 pushes are refused while production keeps serving it, another branch deploys nothing, and a
-rollback restores the previous release.
+rollback restores the previous release. Then the fleet's guarantees: a push with a worker down is
+refused untouched, a failed activation on one worker puts every worker back, of two concurrent
+pushes the second waits and is refused with the reason, a rebuilt worker gets the desired release
+from site.yml's delivery play, and a rollback to a named release reaches a worker that never had it.
 """
 
+import json
 import os
 import shlex
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -17,6 +23,9 @@ import testinfra.utils.ansible_runner
 runner = testinfra.utils.ansible_runner.AnsibleRunner(os.environ["MOLECULE_INVENTORY_FILE"])
 ROW = [6, 148, 72, 35, 0, 33.6, 0.627, 50]
 WORKDIR = "/home/mlops/models"
+WORKERS = ("gd-worker1", "gd-worker2")
+STATE = "/srv/git/release-state"
+ROOT = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY") or Path(__file__).resolve().parents[3])
 
 
 def host(name):
@@ -148,3 +157,138 @@ def test_rollback_restores_the_previous_release(url):
         assert host(w).file("/srv/modelserve/current").linked_to.endswith("releases/1.0.0")
     log = host("gd-worker1").file("/var/log/modelserve-deploy.log").content_string
     assert "deployed 1.1.0" in log and "rolled back 1.1.0 -> 1.0.0" in log
+
+
+# --- the fleet: one desired release, all or nothing, one change at a time ------------------------
+
+
+def serving(version):
+    """Every worker's own `current` and the front end agree on `version`."""
+    for w in WORKERS:
+        assert host(w).file("/srv/modelserve/current").linked_to.endswith(f"releases/{version}"), w
+    return True
+
+
+def desired():
+    return json.loads(host("gd-worker1").file(f"{STATE}/state.json").content_string)
+
+
+def playbook(name, *args):
+    """Run one of the collection's playbooks on this scenario's hosts, as a user would (-v: with
+    the commands' output)."""
+    inventory = str(Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent)  # with its group_vars
+    cmd = ["ansible-playbook", "-v", "-i", inventory, str(ROOT / "playbooks" / name), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
+
+
+def test_production_records_the_release_it_serves(url):
+    state = desired()
+    assert state["desired"] == served(url) == "1.0.0"
+    assert state["history"][:3] == ["1.0.0", "1.1.0", "1.0.0"]
+
+
+def test_push_with_a_worker_unreachable_is_refused_before_anything_changes(url):
+    commit_release("1.2.0")  # kept for the next tests
+    w2 = host("gd-worker2")
+    assert w2.run("systemctl stop ssh.socket ssh.service").rc == 0  # new connections refused
+    try:
+        out = push()
+    finally:
+        assert w2.run("systemctl start ssh.service").rc == 0
+    assert out.rc != 0
+    assert "REJECTED: gd-worker2: current failed" in out.stdout, out.stdout
+    assert "nothing was changed" in out.stdout
+    assert served(url) == "1.0.0" and serving("1.0.0")
+    assert not host("gd-worker1").file("/srv/modelserve/releases/1.2.0").exists
+
+
+def test_failed_activation_on_one_worker_puts_every_worker_back(url):
+    w2 = host("gd-worker2")
+    owner = w2.run("stat -c %U:%G /srv/modelserve").stdout.strip()
+    # The worker's model directory no longer takes the new link: its activation fails, after
+    # gd-worker1 (first) already switched.
+    assert w2.run("chown root:root /srv/modelserve").rc == 0
+    try:
+        out = push()
+    finally:
+        assert w2.run(f"chown {owner} /srv/modelserve").rc == 0
+    assert out.rc != 0
+    assert "deploy of 1.2.0 FAILED on gd-worker2: activate failed" in out.stdout, out.stdout
+    assert "Permission denied" in out.stdout and "every target is back on 1.0.0" in out.stdout
+    assert served(url) == "1.0.0" and serving("1.0.0")
+    assert desired()["desired"] == "1.0.0"
+    log = host("gd-worker1").file("/var/log/modelserve-deploy.log").content_string
+    assert "FAILED 1.2.0" in log and "gd-worker2" in log
+
+
+def test_the_same_push_deploys_once_the_cause_is_gone(url):
+    out = push()  # refused pushes did not move the branch: the same commit goes again
+    assert out.rc == 0, out.stdout
+    assert "each confirmed it serves it" in out.stdout
+    assert served(url) == "1.2.0" and serving("1.2.0")
+
+
+def test_of_two_concurrent_pushes_the_second_waits_then_is_refused_with_the_reason(url):
+    # The second push is a release made on top of 1.2.0 in another clone, ready before the first.
+    second = "/home/mlops/second"
+    commit_release("1.3.0")
+    first_sha = dev("git rev-parse HEAD").stdout.strip()
+    out = dev(
+        f"rm -rf {second} && git clone -q . {second} && cd {second} && git reset -q --hard HEAD~1"
+        ' && git remote add production "$(git -C ~/models remote get-url production)"'
+        ' && sed -i \'s/"version": "1.2.0"/"version": "1.4.0"/\' release/metadata.json'
+        " && git commit -qam 'release 1.4.0'"
+    )
+    assert out.rc == 0, out.stdout + out.stderr
+    assert dev("setsid -f sh -c 'git push production HEAD:main > /tmp/first-push.log 2>&1'").rc == 0
+    info = host("gd-worker1").file(f"{STATE}/lock.info")
+    for _ in range(100):  # the first push holds the change lock (at most 20 s)
+        if info.exists and first_sha[:12] in info.content_string:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the first push never took the change lock")
+    out = dev(f"cd {second} && git push production HEAD:main 2>&1")
+    for _ in range(150):
+        first = host("gd-dev").file("/tmp/first-push.log").content_string
+        if "deployed 1.3.0" in first or "REJECTED" in first:
+            break
+        time.sleep(0.2)
+    assert "deployed 1.3.0" in first, first
+    assert out.rc != 0
+    assert f"waiting up to 60 s for the push of {first_sha[:12]}" in out.stdout, out.stdout
+    assert "moved to" in out.stdout and "while this push waited" in out.stdout
+    assert served(url) == "1.3.0" and serving("1.3.0")
+
+
+def test_a_rebuilt_worker_serves_the_desired_release_after_site_delivery_play(url):
+    w2 = host("gd-worker2")
+    # gd-worker2 as model_serving leaves a new host: the seed release only, served.
+    out = w2.run(
+        "cd /srv/modelserve && rm -f previous && ln -sfn releases/1.0.0 .current.new"
+        " && mv -T .current.new current && find releases -mindepth 1 -maxdepth 1"
+        " ! -name 1.0.0 -exec rm -rf {} +"
+    )
+    assert out.rc == 0, out.stderr
+    res = playbook("cicd.yml", "--limit", "workers")
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert "gd-worker2 now serve 1.3.0" in res.stdout
+    assert serving("1.3.0")
+    time.sleep(2)  # each worker process looks at `current` again within its check interval
+    answers = {requests.get(f"{url}/api/v1/model", timeout=5).json()["version"] for _ in range(20)}
+    assert answers == {"1.3.0"}  # one API, one model
+    res = playbook("cicd.yml", "--limit", "workers")  # a second run changes nothing
+    assert res.returncode == 0 and "every target serves 1.3.0" in res.stdout
+
+
+def test_rollback_to_a_named_release_reaches_a_worker_that_never_had_it(url):
+    assert not host("gd-worker2").file("/srv/modelserve/releases/1.2.0").exists
+    res = playbook("rollback.yml", "-e", "version=1.2.0")
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert "rolled back from 1.3.0 to 1.2.0" in res.stdout
+    assert served(url) == "1.2.0" and serving("1.2.0")
+    assert desired()["desired"] == "1.2.0"
+    res = playbook("rollback.yml", "-e", "version=0.0.9")  # not in the store: refused, unchanged
+    assert res.returncode != 0
+    assert "release 0.0.9 is not in the release store" in res.stdout + res.stderr  # fatal: on stderr
+    assert served(url) == "1.2.0" and serving("1.2.0")

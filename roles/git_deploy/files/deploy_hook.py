@@ -3,15 +3,24 @@
 Installed by the git_deploy role and run with the serving virtualenv's Python (so the app's own
 release checks are used):
 
-    deploy_hook.py pre-receive     refuse a push that would break production (nothing changes)
-    deploy_hook.py post-receive    fan the release out to every target, flip `current`, wait
-    deploy_hook.py rollback        put the previous release back on every target
+    deploy_hook.py pre-receive        validate, then deploy to every target, all or nothing; a refused
+                                      or failed deploy refuses the push (the branch does not move)
+    deploy_hook.py post-receive       announce refs that are stored but not deployed
+    deploy_hook.py rollback [X.Y.Z]   serve X.Y.Z (default: the release served before) everywhere
+    deploy_hook.py sync               serve the desired release on every target (site.yml)
+
+Production's one record of what it serves is the state file (`state_dir`/state.json: the desired
+release and the ones served before, newest first), next to a store of those releases that workers
+joining later are served from. Every change takes `state_dir`/lock, so changes run one at a time.
 
 Configuration: /etc/modelserve-deploy/deploy.json, rendered from inventory by the role.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import getpass
 import json
 import os
 import shutil
@@ -24,14 +33,22 @@ import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
-from modelserve.release import ReleaseError, validate_release, version_key
+from modelserve.release import SEMVER, ReleaseError, read_metadata, validate_release, version_key
 
 CONFIG = Path(os.environ.get("MODELSERVE_DEPLOY_CONFIG", "/etc/modelserve-deploy/deploy.json"))
 ZERO = "0" * 40
 
 
 class Refused(Exception):
-    """The push is refused; the message says why."""
+    """The change is refused before anything was changed; the message says why."""
+
+
+class HostFailed(Exception):
+    """A step failed on one target (named first in the message)."""
+
+    def __init__(self, host: str, why: str):
+        super().__init__(f"{host}: {why}")
+        self.host = host
 
 
 def load_config() -> dict:
@@ -90,7 +107,7 @@ def check_release(conf: dict, release: Path) -> dict:
     except ReleaseError as exc:
         raise Refused(f"invalid model release: {exc}") from None
     version = meta["version"]
-    current = served_version(conf)
+    current = desired_version(conf)
     if current and version_key(version) <= version_key(current):
         raise Refused(f"version {version} is not higher than the served {current}; bump the version")
     accuracy = float(meta.get("metrics", {}).get("heldout_accuracy", -1))
@@ -101,11 +118,162 @@ def check_release(conf: dict, release: Path) -> dict:
     return meta
 
 
+# --- the desired release: one record on the repository host ----------------------------------
+
+HISTORY_MAX = 50  # entries of the state's history kept (the store keeps fewer releases: `keep`)
+
+
+def state_file(conf: dict) -> Path:
+    return Path(conf["state_dir"]) / "state.json"
+
+
+def store(conf: dict) -> Path:
+    return Path(conf["state_dir"]) / "releases"
+
+
+def read_state(conf: dict) -> dict | None:
+    try:
+        return json.loads(state_file(conf).read_text())
+    except FileNotFoundError:
+        return None
+
+
+def desired_version(conf: dict) -> str | None:
+    """What production serves: the state's record, or (never changed yet) this host's release."""
+    state = read_state(conf)
+    return state["desired"] if state else served_version(conf)
+
+
+def write_state(conf: dict, version: str, action: str, commit: str | None = None) -> dict:
+    old = read_state(conf) or {"history": []}
+    history = [version, *old["history"][: HISTORY_MAX - 1]]
+    if len(history) > 1 and history[1] == version:
+        history.pop(1)
+    state = {
+        "desired": version,
+        "commit": commit or (old.get("commit") if action != "rollback" else None),
+        "action": action,
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "history": history,
+    }
+    # Readers see the old or the new record, never half of one.
+    tmp = state_file(conf).with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    os.replace(tmp, state_file(conf))
+    return state
+
+
+def adopted_state(conf: dict) -> dict:
+    """The state, recorded first from this host's served release (and stored) if there is none:
+    the seed on a cluster that never had a release, or what it served before this record existed."""
+    state = read_state(conf)
+    if state is None:
+        version = served_version(conf)
+        if not version:
+            raise Refused(f"no release recorded and none served in {conf['model_dir']}")
+        ensure_stored(conf, version)
+        state = write_state(conf, version, "adopt")
+        say(f"recorded {version}, served on this host, as the desired release")
+    return state
+
+
+def previous_version(state: dict) -> str | None:
+    return next((v for v in state["history"] if v != state["desired"]), None)
+
+
+def ensure_stored(conf: dict, version: str, source: Path | None = None) -> Path:
+    """The store's copy of `version` (made from `source`, or this host's own release directory)."""
+    dest = store(conf) / version
+    if dest.is_dir():
+        if source is not None and read_metadata(dest) != read_metadata(source):
+            raise Refused(f"release {version} was pushed before with other contents; bump the version")
+        return dest
+    source = source or Path(conf["model_dir"]) / "releases" / version
+    if not (source / "metadata.json").is_file():
+        have = ", ".join(sorted((p.name for p in store(conf).glob("*") if p.is_dir()), key=version_key))
+        raise Refused(f"release {version} is not in the release store (it has: {have or 'nothing'})")
+    store(conf).mkdir(parents=True, exist_ok=True)
+    tmp = store(conf) / f".{version}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    os.replace(tmp, dest)
+    return dest
+
+
+def prune_store(conf: dict, state: dict) -> None:
+    wanted = list(dict.fromkeys(state["history"]))[: int(conf["keep"])]
+    for path in store(conf).iterdir():
+        if path.is_dir() and path.name not in wanted:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# --- one change at a time --------------------------------------------------------------------
+
+# Keeps the lock of a successful push until git has moved the branch and receive-pack has exited,
+# so a push that waited sees the branch that production now serves (bounded by argv[2] seconds).
+_HOLDER = """import os, sys, time
+pid, end = int(sys.argv[1]), time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        break
+    time.sleep(0.1)
+"""
+
+
+@contextlib.contextmanager
+def change_lock(conf: dict, what: str):
+    """Hold the repository host's change lock, waiting at most `lock_timeout` seconds for it."""
+    state_dir = Path(conf["state_dir"])
+    info = state_dir / "lock.info"
+    fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o640)
+    try:
+        deadline = time.monotonic() + float(conf["lock_timeout"])
+        waited = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = info.read_text().strip() if info.exists() else "another change"
+                if time.monotonic() >= deadline:
+                    raise Refused(
+                        f"{holder} still holds the change lock after {conf['lock_timeout']} s; "
+                        "nothing was changed, try again when it is done"
+                    ) from None
+                if not waited:
+                    say(f"waiting up to {conf['lock_timeout']} s for {holder} to finish")
+                    waited = True
+                time.sleep(0.2)
+        stamp = datetime.now(UTC).isoformat(timespec="seconds")
+        info.write_text(f"the {what} (pid {os.getpid()}, since {stamp})\n")
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def hold_until_push_ends(conf: dict, fd: int) -> None:
+    subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(os.getppid()), str(conf["lock_timeout"])],
+        pass_fds=(fd,),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,  # git waits for the hook's output to close: not for this one
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
 # --- talking to the targets ------------------------------------------------------------------
+
+COMMAND_TIMEOUT = 120  # seconds for one step on one target (copy, install, activate, check)
 
 
 def _cli(conf: dict, *args: str) -> list[str]:
-    return ["sudo", "-n", "-u", conf["model_user"], conf["cli"], "--model-dir", conf["model_dir"], *args]
+    cli = [conf["cli"], "--model-dir", conf["model_dir"], *args]
+    if conf["model_user"] == getpass.getuser():
+        return cli
+    return ["sudo", "-n", "-u", conf["model_user"], *cli]
 
 
 def _ssh(target: dict, *command: str) -> list[str]:
@@ -121,10 +289,21 @@ def _ssh(target: dict, *command: str) -> list[str]:
 
 
 def run_on(conf: dict, target: dict, action: str, *args: str) -> str:
-    cmd = _cli(conf, action, *args) if target["local"] else _ssh(target, action, *args)
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if not target["local"]:
+        cmd = _ssh(target, action, *args)
+    elif action == "install":  # the local copy is in the incoming directory
+        cmd = _cli(conf, "install", str(Path(conf["incoming"]) / args[0]))
+    elif action == "verify":
+        cmd = _cli(conf, "validate", str(Path(conf["model_dir"]) / "current"))
+    else:
+        cmd = _cli(conf, action, *args)
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=COMMAND_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise HostFailed(target["name"], f"{action} took longer than {COMMAND_TIMEOUT} s") from None
     if res.returncode != 0:
-        raise RuntimeError(f"{target['name']}: {action} failed: {(res.stderr or res.stdout).strip()}")
+        lines = (res.stderr or res.stdout).strip().splitlines() or [f"exit status {res.returncode}"]
+        raise HostFailed(target["name"], f"{action} failed: {lines[-1]}")
     return res.stdout.strip()
 
 
@@ -148,111 +327,217 @@ def ship(conf: dict, target: dict, release: Path, version: str) -> None:
             capture_output=True,
             text=True,
             check=False,
+            timeout=COMMAND_TIMEOUT,
         )
         if res.returncode != 0:
-            raise RuntimeError(f"{target['name']}: copying the release failed: {res.stderr.strip()}")
-    run_on(conf, target, "install", str(incoming) if target["local"] else version)
+            raise HostFailed(target["name"], f"copying the release failed: {res.stderr.strip()}")
+    run_on(conf, target, "install", version)
 
 
-def wait_served(conf: dict, version: str) -> float:
+def precheck(conf: dict) -> dict[str, str]:
+    """Every target answers with the release it serves, or the change is refused untouched."""
+    served = {}
+    for target in conf["targets"]:
+        try:
+            served[target["name"]] = run_on(conf, target, "current")
+        except HostFailed as exc:
+            raise Refused(f"{exc} (unreachable or not serving); nothing was changed") from None
+    return served
+
+
+def confirm(conf: dict, target: dict, version: str) -> None:
+    """The target itself says it serves `version` and loads it (its own LiteRT, its own files)."""
+    now = run_on(conf, target, "current")
+    if now != version:
+        raise HostFailed(target["name"], f"serves {now}, not {version}")
+    run_on(conf, target, "verify")
+
+
+def wait_served(conf: dict, version: str) -> None:
+    """The front end answers with the version too (every worker confirmed it already)."""
     deadline = time.monotonic() + float(conf["switch_timeout"])
-    t0 = time.monotonic()
     last = None
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(conf["api_url"], timeout=3) as resp:  # noqa: S310 (our own URL)
                 last = json.load(resp).get("version")
             if last == version:
-                return time.monotonic() - t0
+                return
         except (OSError, ValueError):
             pass
         time.sleep(0.2)
-    raise RuntimeError(f"{conf['api_url']} still reports {last!r}, not {version}")
+    raise HostFailed("the front end", f"{conf['api_url']} still reports {last!r}, not {version}")
 
 
-def deploy(conf: dict, release: Path, meta: dict) -> None:
-    version = meta["version"]
+def change_fleet(conf: dict, version: str, release: Path, served: dict[str, str]) -> list[str]:
+    """Serve `version` on every target, or on none: install everywhere, then activate everywhere,
+    each target confirming; on any failure every activated target goes back to what it served."""
     targets = conf["targets"]
-    for target in targets:  # every host has the files before any host switches
+    moving = [t for t in targets if served[t["name"]] != version]
+    for target in moving:  # every host has the files before any host switches
         ship(conf, target, release, version)
-    for target in targets:
-        run_on(conf, target, "activate", version)
-    took = wait_served(conf, version)
-    for target in targets:
-        run_on(conf, target, "prune", "--keep", str(conf["keep"]))
-    say(f"deployed {version} to {len(targets)} host(s); served after {took:.1f} s")
+    activated = []
+    try:
+        for target in moving:
+            run_on(conf, target, "activate", version)
+            activated.append(target)  # a failed activate leaves `current` as it was
+        for target in targets:
+            confirm(conf, target, version)
+        if conf.get("api_url") and moving:
+            wait_served(conf, version)
+    except HostFailed as exc:
+        for target in activated:
+            try:
+                run_on(conf, target, "activate", served[target["name"]])
+            except HostFailed as back:
+                exc.args = (f"{exc}; and restoring failed on {back}",)
+        raise
+    return [t["name"] for t in moving]
+
+
+def prune_targets(conf: dict) -> None:
+    for target in conf["targets"]:
+        try:
+            run_on(conf, target, "prune", "--keep", str(conf["keep"]))
+        except HostFailed as exc:  # the deploy stands; the next one prunes again
+            say(f"(pruning: {exc})")
+
+
+def restored(conf: dict, served: dict[str, str]) -> str:
+    versions = sorted(set(served.values()))
+    return f"every target is back on {', '.join(versions) or 'what it served'}"
 
 
 # --- hooks -----------------------------------------------------------------------------------
 
 
+def _ref(name: str) -> str:
+    res = subprocess.run(
+        ["git", "rev-parse", "--verify", "-q", name], capture_output=True, text=True, check=False
+    )
+    return res.stdout.strip() or ZERO
+
+
+def deploy(conf: dict, release: Path, meta: dict, commit: str) -> None:
+    version = meta["version"]
+    served = precheck(conf)
+    adopted_state(conf)  # the release served before is recorded (and stored) to roll back to
+    stored = ensure_stored(conf, version, release)
+    t0 = time.monotonic()
+    try:
+        change_fleet(conf, version, stored, served)
+    except HostFailed as exc:
+        log(conf, f"FAILED {version} {commit[:12]}: {exc}")
+        raise Refused(f"deploy of {version} FAILED on {exc}; {restored(conf, served)}") from None
+    took = time.monotonic() - t0
+    state = write_state(conf, version, "deploy", commit)
+    prune_targets(conf)
+    prune_store(conf, state)
+    log(conf, f"deployed {version} {commit[:12]}")
+    say(
+        f"deployed {version} to {len(conf['targets'])} host(s); each confirmed it serves it "
+        f"after {took:.1f} s"
+    )
+
+
 def pre_receive(conf: dict, lines: list[str]) -> int:
     deploy_ref = f"refs/heads/{conf['branch']}"
-    for line in lines:
-        _old, new, ref = line.split()
-        if ref != deploy_ref:
-            continue
-        if new == ZERO:
-            say(f"REJECTED: {deploy_ref} is what production serves; it cannot be deleted")
-            return 1
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                meta = check_release(conf, export_release(new, conf["release_path"], Path(tmp)))
-            except Refused as exc:
-                say(f"REJECTED: {exc}")
-                say("production keeps serving " + (served_version(conf) or "its current model"))
-                return 1
-        say(
-            f"release {meta['version']} accepted (held-out accuracy "
-            f"{meta['metrics']['heldout_accuracy']}), deploying after the push"
-        )
+    updates = [line.split() for line in lines if line.split()[2] == deploy_ref]
+    if not updates:
+        return 0
+    old, new, _ = updates[0]
+    if new == ZERO:
+        say(f"REJECTED: {deploy_ref} is what production serves; it cannot be deleted")
+        return 1
+    try:
+        with change_lock(conf, f"push of {new[:12]}") as lock:
+            now = _ref(deploy_ref)
+            if now != old:
+                raise Refused(
+                    f"{deploy_ref} moved to {now[:12]} while this push waited (production serves "
+                    f"{desired_version(conf)}); fetch, rebase on it and push again"
+                )
+            with tempfile.TemporaryDirectory() as tmp:
+                release = export_release(new, conf["release_path"], Path(tmp))
+                meta = check_release(conf, release)
+                say(
+                    f"release {meta['version']} accepted (held-out accuracy "
+                    f"{meta['metrics']['heldout_accuracy']}), deploying to {len(conf['targets'])} host(s)"
+                )
+                deploy(conf, release, meta, new)
+            hold_until_push_ends(conf, lock)
+    except Refused as exc:
+        say(f"REJECTED: {exc}")
+        say("production keeps serving " + (desired_version(conf) or "its current model"))
+        return 1
     return 0
 
 
 def post_receive(conf: dict, lines: list[str]) -> int:
     deploy_ref = f"refs/heads/{conf['branch']}"
     for line in lines:
-        _old, new, ref = line.split()
+        _old, _new, ref = line.split()
         if ref != deploy_ref:
             say(f"{ref} stored, not deployed (production follows {deploy_ref})")
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            release = export_release(new, conf["release_path"], Path(tmp))
-            meta = validate_release(release)
-            try:
-                deploy(conf, release, meta)
-            except RuntimeError as exc:
-                log(conf, f"FAILED {meta['version']} {new[:12]}: {exc}")
-                say(f"DEPLOY FAILED: {exc}")
-                say("run `modelserve-rollback` on this host (or playbooks/rollback.yml) to restore")
-                return 1
-            log(conf, f"deployed {meta['version']} {new[:12]}")
     return 0
 
 
-def rollback(conf: dict) -> int:
-    current = served_version(conf)
+def serve_desired(conf: dict, action: str, version: str | None = None) -> int:
+    """Rollback (to `version`, default the one served before) or sync (to the desired release)."""
     try:
-        for target in conf["targets"]:
-            run_on(conf, target, "rollback")
-        version = served_version(conf)
-        took = wait_served(conf, version)
-    except RuntimeError as exc:
-        say(f"ROLLBACK FAILED: {exc}")
+        what = f"rollback to {version or 'the release served before'}"
+        with change_lock(conf, what if action == "rollback" else "site.yml release sync"):
+            state = adopted_state(conf)
+            current = state["desired"]
+            if action == "rollback":
+                version = version or previous_version(state)
+                if not version:
+                    raise Refused(f"no release before {current} is recorded")
+            version = version or current
+            served = precheck(conf)
+            # A sync never moves a target back past what production recorded (a rollback may).
+            ahead = [
+                f"{name} serves {v}"
+                for name, v in served.items()
+                if action == "sync" and v not in state["history"] and version_key(v) > version_key(version)
+            ]
+            if ahead:
+                raise Refused(f"{'; '.join(ahead)}, newer than the desired {version} and never recorded")
+            stored = ensure_stored(conf, version)
+            try:
+                moved = change_fleet(conf, version, stored, served)
+            except HostFailed as exc:
+                raise Refused(f"{action} to {version} FAILED on {exc}; {restored(conf, served)}") from None
+            if version != current or action == "rollback":
+                state = write_state(conf, version, action)
+            prune_store(conf, state)
+    except Refused as exc:
+        say(f"{action.upper()} REFUSED: {exc}")
         return 1
-    log(conf, f"rolled back {current} -> {version}")
-    say(f"rolled back from {current} to {version}; served after {took:.1f} s")
+    if action == "rollback":
+        log(conf, f"rolled back {current} -> {version}")
+        say(f"rolled back from {current} to {version} on {len(conf['targets'])} host(s)")
+    elif moved:
+        log(conf, f"synced {version} to {', '.join(moved)}")
+        say(f"{', '.join(moved)} now serve {version}, the desired release")
+    else:
+        say(f"every target serves {version}, the desired release")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("pre-receive", "post-receive", "rollback"):
-        print("usage: deploy_hook.py pre-receive|post-receive|rollback", file=sys.stderr)
+    usage = "usage: deploy_hook.py pre-receive|post-receive|rollback [X.Y.Z]|sync"
+    if not argv or argv[0] not in ("pre-receive", "post-receive", "rollback", "sync"):
+        print(usage, file=sys.stderr)
         return 2
     conf = load_config()
-    if argv[0] == "rollback":
-        return rollback(conf)
+    if argv[0] in ("rollback", "sync"):
+        version = argv[1] if len(argv) > 1 and argv[1] else None
+        if version and (argv[0] == "sync" or not SEMVER.match(version)):
+            print(usage, file=sys.stderr)
+            return 2
+        return serve_desired(conf, argv[0], version)
     lines = [ln for ln in sys.stdin.read().splitlines() if ln.strip()]
     return pre_receive(conf, lines) if argv[0] == "pre-receive" else post_receive(conf, lines)
 
