@@ -110,7 +110,7 @@ def install_compute_driver() -> None:
     """Our nova compute driver: nova loads drivers from its nova.virt package only."""
     site = next((VENVS / "nova" / "lib").glob("python3*/site-packages"))
     shutil.copy(HERE / "modelserve_containers.py", site / "nova" / "virt" / "modelserve_containers.py")
-    shutil.copy(HERE / "modelserve_netnames.py", site / "modelserve_netnames.py")
+    shutil.copy(HERE / "modelserve_hostnet.py", site / "modelserve_hostnet.py")
 
 
 def docker_arch() -> str:

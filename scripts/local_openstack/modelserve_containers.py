@@ -28,11 +28,10 @@ from __future__ import annotations
 import base64
 import json
 import shutil
-import subprocess
 from pathlib import Path
 from typing import ClassVar
 
-import modelserve_netnames as names
+import modelserve_hostnet as hostnet
 from nova import exception
 from nova.compute import power_state
 from nova.virt import fake, hardware
@@ -58,19 +57,8 @@ WAIT_FOR_NIC = (
 )
 
 
-def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)}: {proc.stderr.strip() or proc.stdout.strip()}")
-    return proc
-
-
 def _container(instance) -> str:
     return "nova-" + instance.uuid
-
-
-def _link_exists(name: str) -> bool:
-    return Path("/sys/class/net", name).exists()
 
 
 class ContainerDriver(fake.FakeDriver):
@@ -78,7 +66,7 @@ class ContainerDriver(fake.FakeDriver):
 
     # --- what runs ---------------------------------------------------------------------------------
     def _inspect(self, instance) -> dict | None:
-        proc = _run("docker", "inspect", _container(instance), check=False)
+        proc = hostnet.run("docker", "inspect", _container(instance), check=False)
         return json.loads(proc.stdout)[0] if proc.returncode == 0 else None
 
     def get_info(self, instance, use_cache=True):
@@ -89,7 +77,7 @@ class ContainerDriver(fake.FakeDriver):
         return hardware.InstanceInfo(state=power_state.RUNNING if running else power_state.SHUTDOWN)
 
     def list_instance_uuids(self):
-        proc = _run(
+        proc = hostnet.run(
             "docker", "ps", "-a", "--filter", f"label={LABEL}", "--format", f'{{{{.Label "{LABEL}"}}}}'
         )
         return [line for line in proc.stdout.split() if line]
@@ -132,36 +120,28 @@ class ContainerDriver(fake.FakeDriver):
         pid = str(found["State"]["Pid"])
         for index, vif in enumerate(network_info or []):
             network = vif["network"]
-            bridge, tap, peer = names.bridge(network["id"]), names.tap(vif["id"]), names.guest_side(vif["id"])
-            mtu = str(network.get_meta("mtu") or 1500)
-            if not _link_exists(bridge):
-                _run("ip", "link", "add", bridge, "type", "bridge")
-            _run("ip", "link", "set", bridge, "up")
-            if _link_exists(tap):
-                _run("ip", "link", "del", tap)
-            _run("ip", "link", "add", tap, "mtu", mtu, "type", "veth", "peer", "name", peer, "mtu", mtu)
-            _run("ip", "link", "set", tap, "master", bridge, "up")
-            _run("ip", "link", "set", peer, "netns", pid)
+            peer = hostnet.guest_side(vif["id"])
+            hostnet.plug_port(vif["id"], network["id"], network.get_meta("mtu") or 1500, peer, pid)
             nic = f"eth{index}"
             guest = ["nsenter", "-t", pid, "-n", "ip"]
-            _run(*guest, "link", "set", peer, "name", nic)
-            _run(*guest, "link", "set", nic, "address", vif["address"])
-            _run(*guest, "link", "set", "lo", "up")
+            hostnet.run(*guest, "link", "set", peer, "name", nic)
+            hostnet.run(*guest, "link", "set", nic, "address", vif["address"])
+            hostnet.run(*guest, "link", "set", "lo", "up")
             for subnet in network["subnets"]:
                 prefix = subnet["cidr"].split("/")[1]
                 for ip in subnet["ips"]:
-                    _run(*guest, "addr", "add", f"{ip['address']}/{prefix}", "dev", nic)
-            _run(*guest, "link", "set", nic, "up")
+                    hostnet.run(*guest, "addr", "add", f"{ip['address']}/{prefix}", "dev", nic)
+            hostnet.run(*guest, "link", "set", nic, "up")
             if index == 0:
                 for subnet in network["subnets"]:
                     gateway = (subnet.get("gateway") or {}).get("address")
                     if gateway and subnet["version"] == 4:
-                        _run(*guest, "route", "replace", "default", "via", gateway, "dev", nic)
+                        hostnet.run(*guest, "route", "replace", "default", "via", gateway, "dev", nic)
 
     def _unplug(self, network_info) -> None:
         for vif in network_info or []:
-            if _link_exists(names.tap(vif["id"])):
-                _run("ip", "link", "del", names.tap(vif["id"]), check=False)
+            if hostnet.link_exists(hostnet.tap(vif["id"])):
+                hostnet.run("ip", "link", "del", hostnet.tap(vif["id"]), check=False)
 
     def plug_vifs(self, instance, network_info):
         self._plug(instance, network_info)
@@ -189,8 +169,8 @@ class ContainerDriver(fake.FakeDriver):
         )  # fmt: skip
         image = self._docker_image(image_meta)
         seed = self._seed(instance)
-        _run("docker", "rm", "-f", _container(instance), check=False)
-        _run(
+        hostnet.run("docker", "rm", "-f", _container(instance), check=False)
+        hostnet.run(
             "docker", "create", "--name", _container(instance), "--hostname", instance.hostname,
             "--label", f"{LABEL}={instance.uuid}", "--network", "none",
             "--memory", f"{instance.flavor.memory_mb}m",
@@ -207,7 +187,7 @@ class ContainerDriver(fake.FakeDriver):
         LOG.info("container %s from %s", _container(instance), image, instance=instance)
 
     def _start(self, instance, network_info) -> None:
-        _run("docker", "start", _container(instance))
+        hostnet.run("docker", "start", _container(instance))
         self._plug(instance, network_info)
 
     def power_on(
@@ -223,7 +203,7 @@ class ContainerDriver(fake.FakeDriver):
         if self._inspect(instance) is None:
             raise exception.InstanceNotFound(instance_id=instance.uuid)
         # A clean shutdown of the guest's systemd (SIGRTMIN+3), killed after the timeout.
-        _run("docker", "stop", "-t", str(timeout or 30), _container(instance))
+        hostnet.run("docker", "stop", "-t", str(timeout or 30), _container(instance))
         if instance.uuid in self.instances:
             self.instances[instance.uuid].state = power_state.SHUTDOWN
 
@@ -241,7 +221,9 @@ class ContainerDriver(fake.FakeDriver):
         if self._inspect(instance) is None:
             raise exception.InstanceNotFound(instance_id=instance.uuid)
         # Soft: the guest shuts down cleanly; hard: it is killed, as a power cycle would.
-        _run("docker", "stop", "-t", "30" if reboot_type.lower() == "soft" else "0", _container(instance))
+        hostnet.run(
+            "docker", "stop", "-t", "30" if reboot_type.lower() == "soft" else "0", _container(instance)
+        )
         self._start(instance, network_info)
 
     def destroy(
@@ -253,7 +235,7 @@ class ContainerDriver(fake.FakeDriver):
         destroy_disks=True,
         destroy_secrets=True,
     ):
-        _run("docker", "rm", "-f", _container(instance), check=False)
+        hostnet.run("docker", "rm", "-f", _container(instance), check=False)
         self._unplug(network_info)
         if destroy_disks:
             shutil.rmtree(Path(CONF.modelserve_containers.instances_path) / instance.uuid, ignore_errors=True)
@@ -266,4 +248,4 @@ class ContainerDriver(fake.FakeDriver):
         return None
 
     def get_console_output(self, context, instance):
-        return _run("docker", "logs", "--tail", "200", _container(instance), check=False).stdout
+        return hostnet.run("docker", "logs", "--tail", "200", _container(instance), check=False).stdout

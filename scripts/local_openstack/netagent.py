@@ -30,13 +30,13 @@ import contextlib
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import modelserve_netnames as names
+import modelserve_hostnet as names
+from modelserve_hostnet import ensure_bridge, link_exists, run
 
 PREFIX = "msos-"
 FORWARD_CHAIN = PREFIX + "fwd"
@@ -47,19 +47,6 @@ INTERVAL = 2.0
 
 def log(msg: str) -> None:
     print(f"netagent: {msg}", flush=True)
-
-
-def run(*argv: str, check: bool = True, input_text: str | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run(argv, capture_output=True, text=True, input=input_text, check=False)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)}: {proc.stderr.strip() or proc.stdout.strip()}")
-    return proc
-
-
-def link_exists(name: str, netns: str | None = None) -> bool:
-    if netns is None:
-        return Path("/sys/class/net", name).exists()
-    return run("ip", "-n", netns, "link", "show", name, check=False).returncode == 0
 
 
 def addresses(dev: str, netns: str | None = None) -> set[str]:
@@ -158,7 +145,7 @@ def filter_rules(snap: dict, family: int = 4) -> tuple[list[str], list[str]]:
         per_port += [f"-A {ingress} {m}" for m in stateful]
         for rule in (r for r in rules if r["direction"] == "ingress"):
             matches = rule_match(rule, members, family)
-            per_port += [f"-A {ingress} {m} -j RETURN".replace("  ", " ") for m in matches]
+            per_port += [" ".join(filter(None, [f"-A {ingress}", m, "-j RETURN"])) for m in matches]
         per_port.append(f"-A {ingress} -j DROP")
         # Anti-spoofing: the port's MAC with its fixed IPs or allowed address pairs (and, for IPv6,
         # its link-local address range), nothing else.
@@ -178,7 +165,7 @@ def filter_rules(snap: dict, family: int = 4) -> tuple[list[str], list[str]]:
         per_port += [f"-A {egress} -j {spoof}", *(f"-A {egress} {m}" for m in stateful)]
         for rule in (r for r in rules if r["direction"] == "egress"):
             matches = rule_match(rule, members, family)
-            per_port += [f"-A {egress} {m} -j RETURN".replace("  ", " ") for m in matches]
+            per_port += [" ".join(filter(None, [f"-A {egress}", m, "-j RETURN"])) for m in matches]
         per_port.append(f"-A {egress} -j DROP")
     sg.append(f"-A {SG_CHAIN} -j ACCEPT")
     # Anything else bridged from or to a server's tap (a port this agent does not know yet): drop.
@@ -231,12 +218,6 @@ def v4_subnets(snap: dict, network_id: str) -> list:
     return [s for s in snap["subnets"].values() if s.network_id == network_id and s.ip_version == 4]
 
 
-def ensure_bridge(name: str) -> None:
-    if not link_exists(name):
-        run("ip", "link", "add", name, "type", "bridge")
-    run("ip", "link", "set", name, "up")
-
-
 def ensure_external(snap: dict) -> list[str]:
     """Each external network: a bridge with the gateway address; masquerade out of this host."""
     nat: list[str] = []
@@ -258,32 +239,11 @@ def ensure_external(snap: dict) -> list[str]:
 
 def ensure_router_port(netns: str, port, snap: dict) -> str:
     dev = names.router_side(port.id, port.device_owner)
-    tap = names.tap(port.id)
-    network = snap["networks"][port.network_id]
-    mtu = str(network.mtu or 1500)
     if not link_exists(dev, netns):
-        if link_exists(tap):
-            run("ip", "link", "del", tap)
-        run(
-            "ip",
-            "link",
-            "add",
-            tap,
-            "mtu",
-            mtu,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            dev,
-            "netns",
-            netns,
-            "mtu",
-            mtu,
-        )
+        names.plug_port(port.id, port.network_id, snap["networks"][port.network_id].mtu or 1500, dev, netns)
         run("ip", "-n", netns, "link", "set", dev, "address", port.mac_address)
     ensure_bridge(names.bridge(port.network_id))
-    run("ip", "link", "set", tap, "master", names.bridge(port.network_id), "up")
+    run("ip", "link", "set", names.tap(port.id), "master", names.bridge(port.network_id), "up")
     run("ip", "-n", netns, "link", "set", dev, "up")
     want = set()
     for ip in port.fixed_ips:
@@ -376,13 +336,17 @@ def remove_stale(snap: dict | None, namespaces: set[str]) -> None:
 
 
 def sync(conn, last: dict) -> None:
+    """Make the host match Neutron when anything Neutron says changed; stale devices go every pass."""
     snap = snapshot(conn)
-    nat = ensure_external(snap)
-    namespaces = ensure_routers(snap)
-    chains, rules = filter_rules(snap)
-    chains6, rules6 = filter_rules(snap, family=6)
-    digest = hashlib.sha256("\n".join(chains + rules + chains6 + rules6 + nat).encode()).hexdigest()
+    state = {
+        key: [r.to_dict() for r in (v.values() if isinstance(v, dict) else v)] for key, v in snap.items()
+    }
+    digest = hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()
     if digest != last.get("digest"):
+        nat = ensure_external(snap)
+        last["namespaces"] = ensure_routers(snap)
+        chains, rules = filter_rules(snap)
+        chains6, rules6 = filter_rules(snap, family=6)
         apply_table("filter", chains, rules, {"FORWARD": FORWARD_CHAIN})
         apply_table("filter", chains6, rules6, {"FORWARD": FORWARD_CHAIN}, family=6)
         apply_table("nat", [NAT_CHAIN], nat, {"POSTROUTING": NAT_CHAIN})
@@ -391,7 +355,7 @@ def sync(conn, last: dict) -> None:
             f" {len(nat)} NAT rules"
         )
         last["digest"] = digest
-    remove_stale(snap, namespaces)
+    remove_stale(snap, last["namespaces"])
 
 
 def cleanup() -> None:
