@@ -246,11 +246,15 @@ def test_server_booted_by_cloud_init_from_nova_metadata(added, admin, conn, serv
     assert "modelserve admin (Ansible)" in users.stdout and "sudo-ok" in users.stdout
 
 
-def test_prediction_through_the_front_ends_floating_ip(servers):
+def _predict_through_the_front_ends_floating_ip(servers):
     url = f"http://{floating_ip(servers['osl-frontend-1'])}:8080/api/v1/predict"
     r = requests.post(url, json={"rows": [ROW, ROW]}, timeout=30)
     assert r.status_code == 200, r.text
     assert len(r.json()["predictions"]) == 2
+
+
+def test_prediction_through_the_front_ends_floating_ip(servers):
+    _predict_through_the_front_ends_floating_ip(servers)
 
 
 # --- security groups on the wire ----------------------------------------------------------------
@@ -349,7 +353,7 @@ def test_a_rebooted_worker_comes_back_on_its_port_and_serves(conn, added, server
     )
     assert ssh(added, "osl-worker-2", "cat /proc/1/stat").returncode == 0
     assert not tcp_open(added, "osl-frontend-1", fixed_ip(server), 22)  # its filter is back too
-    test_prediction_through_the_front_ends_floating_ip(servers)
+    _predict_through_the_front_ends_floating_ip(servers)
 
 
 # --- model delivery from the development VM -----------------------------------------------------
