@@ -341,6 +341,8 @@ def sync(conn, last: dict) -> None:
     state = {
         key: [r.to_dict() for r in (v.values() if isinstance(v, dict) else v)] for key, v in snap.items()
     }
+    for group in state["groups"]:  # Neutron lists a group's rules in no fixed order
+        group["security_group_rules"] = sorted(group["security_group_rules"], key=lambda r: r["id"])
     digest = hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()
     if digest != last.get("digest"):
         nat = ensure_external(snap)
