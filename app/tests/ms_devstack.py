@@ -45,7 +45,7 @@ class RabbitMQ:
         self.epmd_port = free_port()
         self.node = f"ms{secrets.token_hex(4)}@localhost"
         self.user = f"modelserve_{secrets.token_hex(3)}"
-        self.password = secrets.token_urlsafe(18)
+        self.password = secrets.token_hex(18)  # never starts with "-" (rabbitmqctl would read an option)
         self.vhost = "modelserve"
         self.proc: subprocess.Popen | None = None
         self.env = self._env()
