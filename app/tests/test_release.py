@@ -135,3 +135,41 @@ def test_prune_keeps_the_newest_and_never_current_or_previous(model_dir, seed_re
     assert list_releases(model_dir) == ["1.0.0", "1.1.0", "1.3.0", "1.4.0"]
     assert main(["--model-dir", str(model_dir), "prune", "--keep", "1"]) == 1
     assert "keep at least 2" in capsys.readouterr().err
+
+
+def test_evaluate_measures_on_the_given_rows_not_the_metadata(copy_seed, capsys, monkeypatch):
+    import io
+
+    from conftest import DATA
+
+    claimed = copy_seed()
+    meta = json.loads((claimed / "metadata.json").read_text())
+    meta["metrics"].update(heldout_accuracy=0.01, heldout_auc=0.01)  # ignored: only rows count
+    (claimed / "metadata.json").write_text(json.dumps(meta))
+    assert main(["evaluate", str(claimed), "--against", str(claimed), "--data", str(DATA)]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["candidate"] == figures["served"]
+    assert figures["candidate"]["rows"] == 765 and figures["candidate"]["accuracy"] > 0.7
+    # Labels flipped: the same model measures badly, from standard input (how the gate's sandbox reads).
+    flipped = "".join(
+        f"{line.rsplit(',', 1)[0]},{1 - int(float(line.rsplit(',', 1)[1]))}\n" for line in DATA.open()
+    )
+    monkeypatch.setattr("sys.stdin", io.StringIO(flipped))
+    assert main(["evaluate", str(claimed), "--data", "-"]) == 0
+    bad = json.loads(capsys.readouterr().out)
+    assert bad["served"] is None and bad["candidate"]["accuracy"] < 0.3 and bad["candidate"]["auc"] < 0.2
+
+
+def test_evaluate_refuses_unusable_rows_and_a_tampered_release(copy_seed, tmp_path, capsys):
+    rows = tmp_path / "rows.csv"
+    rows.write_text("1,2,3\n")
+    rel = copy_seed()
+    assert main(["evaluate", str(rel), "--data", str(rows)]) == 1
+    assert "expected 9 columns" in capsys.readouterr().err
+    rows.write_text("1,120,70,20,80,30,0.4,35,1\n1,120,70,20,80,30,0.4,35,1\n")
+    assert main(["evaluate", str(rel), "--data", str(rows)]) == 1
+    assert "both classes" in capsys.readouterr().err
+    (rel / "model.tflite").write_bytes(b"x")  # what is measured must be what the metadata lists
+    rows.write_text("1,120,70,20,80,30,0.4,35,1\n1,90,70,20,80,22,0.2,25,0\n")
+    assert main(["evaluate", str(rel), "--data", str(rows)]) == 1
+    assert "sha256 mismatch" in capsys.readouterr().err

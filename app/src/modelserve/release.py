@@ -235,6 +235,22 @@ def _model_dir(arg: str | None) -> Path:
     return Path(arg or os.environ.get("MODELSERVE_MODEL_DIR") or "/srv/modelserve")
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from modelserve import evaluate  # numpy and LiteRT: only for this command
+
+    try:
+        x, y = evaluate.load_csv(sys.stdin if args.data == "-" else Path(args.data))
+        result = {
+            "candidate": evaluate.measure(Path(args.release_dir), x, y),
+            "served": evaluate.measure(Path(args.against), x, y) if args.against else None,
+        }
+    except (OSError, ValueError) as exc:
+        print(f"modelserve-release evaluate: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="modelserve-release", description="Validate, list and switch model releases."
@@ -256,6 +272,16 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("install", help="validate a release dir and copy it into releases/<version>")
     p.add_argument("release_dir")
     p.add_argument("--activate", action="store_true")
+    p = sub.add_parser(
+        "evaluate", help="measure accuracy and AUC of releases on labelled rows; print JSON (the gate)"
+    )
+    p.add_argument("release_dir", help="the release to measure (the candidate)")
+    p.add_argument("--against", help="also measure this release (the served one) on the same rows")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="CSV of 8 features then a 0/1 label, or - for standard input (how the gate's sandbox gets it)",
+    )
     args = parser.parse_args(argv)
     model_dir = _model_dir(args.model_dir)
     try:
@@ -289,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "install":
             version = install(model_dir, Path(args.release_dir), do_activate=args.activate)
             print(f"installed {version}{' and activated' if args.activate else ''}")
+        elif args.command == "evaluate":
+            return _evaluate(args)
     except ReleaseError as exc:
         print(f"modelserve-release: {exc}", file=sys.stderr)
         return 1

@@ -19,22 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from modelserve.evaluate import load_csv, roc_auc
 from modelserve.features import FEATURES, N_FEATURES
 from modelserve.litert import TFLiteModel
 from modelserve.release import SEMVER, sha256_file, validate_release
 from modelserve.wire import DEFAULT_THRESHOLD, labels
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "data" / "pima-indians-diabetes.csv"
-
-
-def load_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    data = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
-    if data.shape[1] != N_FEATURES + 1:
-        raise ValueError(f"{path}: expected {N_FEATURES + 1} columns, got {data.shape[1]}")
-    y = data[:, -1]
-    if not np.isin(y, (0.0, 1.0)).all():
-        raise ValueError(f"{path}: the last column must be a 0/1 label")
-    return data[:, :N_FEATURES].astype(np.float32), y.astype(np.float32)
 
 
 def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -48,26 +39,6 @@ def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np
         test.extend(idx[:n_test])
         train.extend(idx[n_test:])
     return np.sort(np.array(train)), np.sort(np.array(test))
-
-
-def roc_auc(y_true: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U with average ranks for ties)."""
-    y_true = np.asarray(y_true).astype(bool)
-    scores = np.asarray(scores, dtype=np.float64)
-    n_pos, n_neg = int(y_true.sum()), int((~y_true).sum())
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError("AUC needs both classes in the held-out set")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), dtype=np.float64)
-    sorted_scores = scores[order]
-    i = 0
-    while i < len(scores):
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    return float((ranks[y_true].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 def build_model(x_train: np.ndarray, seed: int):
