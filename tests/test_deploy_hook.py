@@ -11,6 +11,7 @@ import getpass
 import http.server
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 HOOK = ROOT / "roles" / "git_deploy" / "files" / "deploy_hook.py"
 SEED = ROOT / "app" / "seed-release"
+EVAL = str(ROOT / "app" / "data" / "pima-indians-diabetes.csv")
 
 pytest.importorskip("modelserve.release", reason="the app is installed by scripts/bootstrap --test")
 
@@ -42,6 +44,13 @@ def prod(tmp_path):
         "branch": "main",
         "release_path": "release",
         "min_accuracy": 0.65,
+        "min_auc": 0.75,
+        "max_accuracy_drop": 0.05,
+        "max_auc_drop": 0.05,
+        # The gate's program without its sandbox (molecule/git_deploy runs the sandboxed one).
+        "gate_command": [str(Path(sys.executable).parent / "modelserve-release"), "evaluate", "--data", EVAL],
+        "gate_timeout": 60,
+        "staging": str(tmp_path / "state" / "staging"),
         "max_release_bytes": 2 * 2**20,
         "keep": 3,
         "switch_timeout": 1,
@@ -134,7 +143,7 @@ def test_a_higher_valid_version_is_accepted(prod):
     release(work, "1.1.0")
     res = push(work)
     assert res.returncode == 0, res.stderr
-    assert "release 1.1.0 accepted" in res.stderr
+    assert "release 1.1.0 passed the gate (measured on 765 rows: accuracy 0.8157, AUC 0.8828)" in res.stderr
     assert "deployed 1.1.0 to 1 host(s); each confirmed it serves it" in res.stderr
     assert branch_exists(bare)
     assert serving(bare) == "1.1.0"
@@ -150,10 +159,77 @@ def test_same_or_lower_version_is_refused_and_nothing_is_stored(prod):
     assert not branch_exists(bare)
 
 
-def test_accuracy_under_the_threshold_is_refused(prod):
-    work, _ = prod
-    release(work, "1.2.0", heldout_accuracy=0.5)
-    refused(work, "below the production threshold 0.65")
+@pytest.fixture(scope="module")
+def weak_release(tmp_path_factory):
+    """A real release trained for one epoch: loads and runs, but predicts poorly."""
+    train = pytest.importorskip("modelserve.train")
+    out = tmp_path_factory.mktemp("weak") / "release"
+    train.train(EVAL, out, "1.2.0", epochs=1, seed=1)
+    return out
+
+
+def push_weak(work, weak_release, **claims):
+    shutil.rmtree(work / "release", ignore_errors=True)
+    shutil.copytree(weak_release, work / "release")
+    meta = json.loads((work / "release" / "metadata.json").read_text())
+    meta["metrics"].update(claims)
+    (work / "release" / "metadata.json").write_text(json.dumps(meta))
+    commit(work, "weak")
+    return push(work)
+
+
+def test_forged_metrics_are_ignored_the_gate_measures_for_itself(prod, weak_release):
+    work, bare = prod
+    res = push_weak(work, weak_release, heldout_accuracy=0.99, heldout_auc=0.99)
+    assert res.returncode != 0
+    # (a one-epoch model's figures vary a little with the CPU: matched by pattern)
+    for pattern in (
+        r"release 1\.2\.0 measured on production's 765 evaluation rows: "
+        r"accuracy 0\.\d{4} is below the floor 0\.65",
+        r"AUC 0\.\d{4} is below the floor 0\.75",
+        r"its metadata claims accuracy 0\.99 and AUC 0\.99; the gate ignores claims",
+    ):
+        assert re.search(pattern, res.stderr), res.stderr
+    assert serving(bare) == "1.0.0" and not branch_exists(bare)
+    # The other way round: a sound model whose metadata undersells it is accepted on its figures.
+    release(work, "1.2.1", heldout_accuracy=0.1, heldout_auc=0.1)
+    assert push(work).returncode == 0
+    assert serving(bare) == "1.2.1"
+
+
+def test_a_drop_against_the_served_release_is_refused_above_the_floors(prod, weak_release):
+    work, bare = prod
+    reconfigure(bare, min_accuracy=0.0, min_auc=0.0)
+    res = push_weak(work, weak_release)
+    assert res.returncode != 0
+    drop = r"accuracy 0\.\d{4} is 0\.[1-9]\d{3} below the served 1\.0\.0's 0\.8157 \(at most 0\.05"
+    assert re.search(drop, res.stderr), res.stderr
+    assert "below the floor" not in res.stderr
+    reconfigure(bare, max_accuracy_drop=1.0, max_auc_drop=1.0)  # the operator accepts the fall
+    assert push(work).returncode == 0
+    assert serving(bare) == "1.2.0"
+
+
+def test_a_gate_that_cannot_measure_refuses_the_push(prod):
+    work, bare = prod
+    reconfigure(bare, gate_command=[*conf_of(bare)["gate_command"][:-1], str(bare.parent / "missing.csv")])
+    release(work, "1.1.0")
+    refused(work, "the release gate could not measure the release:", "missing.csv")
+    assert serving(bare) == "1.0.0"
+
+
+def test_staging_is_emptied_after_every_push_even_an_interrupted_one(prod):
+    work, bare = prod
+    staging = bare.parent / "state" / "staging"
+    staging.mkdir()
+    (staging / "tmp-left-by-a-killed-push").mkdir()
+    release(work, "1.1.0")
+    assert push(work).returncode == 0
+    assert list(staging.iterdir()) == []
+    (work / "release" / "model.tflite").write_bytes(b"garbage")
+    commit(work, "corrupt")
+    refused(work, "model.tflite")
+    assert list(staging.iterdir()) == []
 
 
 def test_a_corrupt_model_file_is_refused(prod):

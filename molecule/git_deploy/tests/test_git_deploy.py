@@ -139,6 +139,52 @@ def test_lower_version_is_refused(url):
     assert dev("git reset -q --hard HEAD~1").rc == 0
 
 
+def test_forged_metrics_of_a_one_epoch_model_are_refused_by_the_sandboxed_gate(url):
+    # As a data scientist would: train for one epoch, then claim excellent figures in the metadata.
+    out = dev(
+        "sed -i 's/^MODEL_VERSION=.*/MODEL_VERSION=1.3.0/; s/^EPOCHS=.*/EPOCHS=1/' params.env && ./train.sh"
+        " && python3 -c \"import json, pathlib; p = pathlib.Path('release/metadata.json'); m = json.loads("
+        "p.read_text()); m['metrics'].update(heldout_accuracy=0.99, heldout_auc=0.99); "
+        "p.write_text(json.dumps(m))\" && git add -A && git commit -q -m 'forged 1.3.0'"
+    )
+    assert out.rc == 0, out.stdout + out.stderr
+    out = push()
+    assert dev("git reset -q --hard HEAD~1").rc == 0
+    assert out.rc != 0
+    assert "release 1.3.0 measured on production's 765 evaluation rows" in out.stdout, out.stdout
+    assert "is below the floor" in out.stdout and "the gate ignores claims" in out.stdout
+    assert served(url) == "1.1.0"
+    assert host("gd-worker1").run(f"ls -A {STATE}/staging").stdout.strip() == ""
+
+
+def test_the_gate_sandbox_measures_only_releases_production_staged(url):
+    w1 = host("gd-worker1")
+    as_deploy = "runuser -u deploy -- "
+    gate = f"{as_deploy}sudo -n /usr/local/sbin/modelserve-gate --against"
+    ok = w1.run(f"{gate} {STATE}/releases/1.1.0 {STATE}/releases/1.1.0")
+    assert ok.rc == 0, ok.stderr
+    figures = json.loads(ok.stdout.strip().splitlines()[-1])
+    assert figures["candidate"] == figures["served"] and figures["candidate"]["rows"] == 765
+    bad = w1.run(
+        f"{as_deploy}sudo -n /usr/local/sbin/modelserve-gate --against /srv/modelserve/current /root"
+    )
+    assert bad.rc == 2 and "neither in the release store nor in the staging area" in bad.stderr
+    # The deploy account itself cannot read production's evaluation data; only the gate gets it.
+    assert w1.run(f"{as_deploy}cat /etc/modelserve-deploy/eval.csv").rc != 0
+
+
+def test_an_oversize_push_is_refused_by_git_before_anything_is_unpacked(url):
+    out = dev("head -c 60000000 /dev/urandom > release/notes.bin && git add -A && git commit -q -m big")
+    assert out.rc == 0, out.stderr
+    out = push()
+    assert dev("git reset -q --hard HEAD~1").rc == 0
+    assert out.rc != 0
+    assert "pack exceeds maximum allowed size" in out.stdout, out.stdout
+    assert served(url) == "1.1.0"
+    objects = host("gd-worker1").run("du -sm /srv/git/models.git/objects").stdout.split()[0]
+    assert int(objects) < 40, f"{objects} MiB of objects kept from a refused push"
+
+
 def test_push_to_another_branch_deploys_nothing(url):
     commit_release("2.0.0")
     out = push("experiment")
@@ -292,3 +338,14 @@ def test_rollback_to_a_named_release_reaches_a_worker_that_never_had_it(url):
     assert res.returncode != 0
     assert "release 0.0.9 is not in the release store" in res.stdout + res.stderr  # fatal: on stderr
     assert served(url) == "1.2.0" and serving("1.2.0")
+
+
+def test_every_host_is_tidy_after_the_deploys():
+    for w in WORKERS:
+        assert host(w).run("ls -A /var/lib/modelserve-deploy").stdout.strip() == "", w  # no incoming copies
+        releases = host(w).run("ls /srv/modelserve/releases").stdout.split()
+        assert 0 < len(releases) <= 5, (w, releases)  # git_deploy_releases_keep
+    w1 = host("gd-worker1")
+    assert w1.run(f"ls -A {STATE}/staging").stdout.strip() == ""
+    rotate = w1.run("logrotate -d /etc/logrotate.d/modelserve-deploy")
+    assert rotate.rc == 0 and "/var/log/modelserve-deploy.log" in rotate.stderr + rotate.stdout

@@ -98,6 +98,7 @@ def served_version(conf: dict) -> str | None:
 
 
 def check_release(conf: dict, release: Path) -> dict:
+    """Size, structure, checksums, a loadable model and a higher version; metrics come later (gate)."""
     size = sum(p.stat().st_size for p in release.rglob("*") if p.is_file())
     limit = int(conf["max_release_bytes"])
     if size > limit:
@@ -110,12 +111,63 @@ def check_release(conf: dict, release: Path) -> dict:
     current = desired_version(conf)
     if current and version_key(version) <= version_key(current):
         raise Refused(f"version {version} is not higher than the served {current}; bump the version")
-    accuracy = float(meta.get("metrics", {}).get("heldout_accuracy", -1))
-    if accuracy < float(conf["min_accuracy"]):
-        raise Refused(
-            f"held-out accuracy {accuracy:.4f} is below the production threshold {conf['min_accuracy']}"
-        )
     return meta
+
+
+# --- the gate: production measures the release on its own data ----------------------------------
+
+
+def measure(conf: dict, candidate: Path, served: Path) -> dict:
+    """Accuracy and AUC of both releases on production's evaluation data, from the sandboxed gate."""
+    cmd = [*conf["gate_command"], "--against", str(served), str(candidate)]
+    try:
+        res = subprocess.run(
+            cmd, capture_output=True, text=True, check=False, timeout=float(conf["gate_timeout"]) + 30
+        )
+    except subprocess.TimeoutExpired:
+        raise Refused(f"the release gate took longer than {conf['gate_timeout']} s") from None
+    if res.returncode != 0:
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip() and "XNNPACK" not in ln]
+        why = lines[-1] if lines else f"exit status {res.returncode} (time or memory limit?)"
+        raise Refused(f"the release gate could not measure the release: {why}")
+    try:
+        return json.loads(res.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise Refused(f"the release gate answered {res.stdout.strip()[:200]!r}, not its figures") from None
+
+
+def judge(conf: dict, measured: dict, served_version: str) -> list[str]:
+    """Why the measured candidate may not replace the served release (empty: it may)."""
+    new, old = measured["candidate"], measured["served"]
+    problems = []
+    for name, key in (("accuracy", "accuracy"), ("AUC", "auc")):
+        floor, max_drop = float(conf[f"min_{key}"]), float(conf[f"max_{key}_drop"])
+        if new[key] < floor:
+            problems.append(f"{name} {new[key]:.4f} is below the floor {floor}")
+        if old and old[key] - new[key] > max_drop:
+            problems.append(
+                f"{name} {new[key]:.4f} is {old[key] - new[key]:.4f} below the served {served_version}'s "
+                f"{old[key]:.4f} (at most {max_drop} allowed)"
+            )
+    return problems
+
+
+def gate(conf: dict, release: Path, meta: dict) -> dict:
+    """Refuse a release that production's own measurement finds wanting; return the figures."""
+    state = adopted_state(conf)
+    served_version = state["desired"]
+    measured = measure(conf, release, ensure_stored(conf, served_version))
+    rows = measured["candidate"]["rows"]
+    problems = judge(conf, measured, served_version)
+    if problems:
+        claimed = meta.get("metrics", {})
+        raise Refused(
+            f"release {meta['version']} measured on production's {rows} evaluation rows: "
+            + "; ".join(problems)
+            + f" (its metadata claims accuracy {claimed.get('heldout_accuracy')} and AUC "
+            f"{claimed.get('heldout_auc')}; the gate ignores claims)"
+        )
+    return measured["candidate"]
 
 
 # --- the desired release: one record on the repository host ----------------------------------
@@ -205,6 +257,18 @@ def prune_store(conf: dict, state: dict) -> None:
     for path in store(conf).iterdir():
         if path.is_dir() and path.name not in wanted:
             shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staging_dir(conf: dict):
+    """A fresh directory to unpack a push into, removed afterwards. Under the change lock nothing
+    else stages, so what an interrupted push left behind is removed first."""
+    root = Path(conf["staging"])
+    root.mkdir(mode=0o750, exist_ok=True)
+    for old in root.iterdir():
+        shutil.rmtree(old, ignore_errors=True)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        yield Path(tmp)
 
 
 # --- one change at a time --------------------------------------------------------------------
@@ -331,7 +395,11 @@ def ship(conf: dict, target: dict, release: Path, version: str) -> None:
         )
         if res.returncode != 0:
             raise HostFailed(target["name"], f"copying the release failed: {res.stderr.strip()}")
-    run_on(conf, target, "install", version)
+    try:
+        run_on(conf, target, "install", version)  # on a remote target, install removes the copy
+    finally:
+        if target["local"]:
+            shutil.rmtree(incoming, ignore_errors=True)
 
 
 def precheck(conf: dict) -> dict[str, str]:
@@ -457,12 +525,13 @@ def pre_receive(conf: dict, lines: list[str]) -> int:
                     f"{deploy_ref} moved to {now[:12]} while this push waited (production serves "
                     f"{desired_version(conf)}); fetch, rebase on it and push again"
                 )
-            with tempfile.TemporaryDirectory() as tmp:
-                release = export_release(new, conf["release_path"], Path(tmp))
+            with staging_dir(conf) as tmp:
+                release = export_release(new, conf["release_path"], tmp)
                 meta = check_release(conf, release)
+                m = gate(conf, release, meta)
                 say(
-                    f"release {meta['version']} accepted (held-out accuracy "
-                    f"{meta['metrics']['heldout_accuracy']}), deploying to {len(conf['targets'])} host(s)"
+                    f"release {meta['version']} passed the gate (measured on {m['rows']} rows: accuracy "
+                    f"{m['accuracy']:.4f}, AUC {m['auc']:.4f}), deploying to {len(conf['targets'])} host(s)"
                 )
                 deploy(conf, release, meta, new)
             hold_until_push_ends(conf, lock)
@@ -510,6 +579,7 @@ def serve_desired(conf: dict, action: str, version: str | None = None) -> int:
                 raise Refused(f"{action} to {version} FAILED on {exc}; {restored(conf, served)}") from None
             if version != current or action == "rollback":
                 state = write_state(conf, version, action)
+            prune_targets(conf)  # git_deploy_releases_keep, also on a worker that just joined
             prune_store(conf, state)
     except Refused as exc:
         say(f"{action.upper()} REFUSED: {exc}")
