@@ -125,6 +125,14 @@ def test_install_copies_and_refuses_overwrite(tmp_path, seed_release, copy_seed)
     _edit(other, description="something else")
     with pytest.raises(ReleaseError, match="immutable"):
         release.install(md, other)
+    # Installed read-only; prune still removes an old one whole.
+    installed = md / "releases" / "1.0.0"
+    assert installed.stat().st_mode & 0o777 == 0o555
+    assert {(p.stat().st_mode & 0o777) for p in installed.iterdir()} == {0o444}
+    for v in ("1.1.0", "1.2.0", "1.3.0"):
+        _edit(other, version=v)
+        release.install(md, other, do_activate=True)
+    assert release.prune(md, keep=2) == ["1.0.0", "1.1.0"] and not installed.exists()
 
 
 def test_prune_keeps_the_newest_and_never_current_or_previous(model_dir, seed_release, capsys):

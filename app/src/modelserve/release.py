@@ -202,10 +202,14 @@ def install(model_dir: Path, source: Path, *, do_activate: bool = False) -> str:
         raise ReleaseError(f"{dest} already exists; releases are immutable, bump the version")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{version}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    if tmp.exists():
+        tmp.chmod(0o755)
+        shutil.rmtree(tmp)
     tmp.mkdir()
     for name in (*MODEL_FILES, METADATA):
-        shutil.copy2(Path(source) / name, tmp / name)
+        shutil.copyfile(Path(source) / name, tmp / name)
+        (tmp / name).chmod(0o444)
+    tmp.chmod(0o555)  # immutable: nothing changes a release once installed (prune removes it whole)
     os.replace(tmp, dest)
     if do_activate:
         activate(model_dir, version)
@@ -223,7 +227,9 @@ def prune(model_dir: Path, keep: int) -> list[str]:
     for version in versions[: max(0, len(versions) - keep)]:
         if version in protected:
             continue
-        shutil.rmtree(releases_dir(model_dir) / version)
+        path = releases_dir(model_dir) / version
+        path.chmod(0o755)  # installed read-only: its entries can only go once it is writable again
+        shutil.rmtree(path)
         removed.append(version)
     return removed
 

@@ -349,3 +349,29 @@ def test_every_host_is_tidy_after_the_deploys():
     assert w1.run(f"ls -A {STATE}/staging").stdout.strip() == ""
     rotate = w1.run("logrotate -d /etc/logrotate.d/modelserve-deploy")
     assert rotate.rc == 0 and "/var/log/modelserve-deploy.log" in rotate.stderr + rotate.stdout
+
+
+def test_the_fan_out_key_only_writes_releases_into_the_incoming_directory():
+    w1, w2 = host("gd-worker1"), host("gd-worker2")
+    as_deploy = "runuser -u deploy -- "
+    ssh = "ssh -o BatchMode=yes deploy@gd-worker2"
+    out = w1.run(
+        f"{as_deploy}rsync -a -e 'ssh -o BatchMode=yes' /etc/hostname deploy@gd-worker2:/etc/fanout-probe"
+    )
+    assert not w2.file("/etc/fanout-probe").exists, out.stdout + out.stderr
+    out = w1.run(f"{as_deploy}rsync -a -e 'ssh -o BatchMode=yes' deploy@gd-worker2:../ /tmp/fanout-read/")
+    assert out.rc != 0 and not w1.file("/tmp/fanout-read/.ssh").exists  # write-only: nothing read back
+    for command in ("rollback", "prune --keep 1", "activate ../../etc", "current; id"):
+        out = w1.run(f"{as_deploy}{ssh} {shlex.quote(command)}")
+        assert out.rc != 0 and "refused over SSH" in out.stderr, command
+
+
+def test_releases_are_read_only_to_the_serving_services():
+    for w in WORKERS:
+        pid = host(w).run("systemctl show -p MainPID --value modelserve-worker@1").stdout.strip()
+        assert pid not in ("", "0"), w
+        current = host(w).file("/srv/modelserve/current").linked_to
+        assert host(w).file(f"{current}/model.tflite").mode == 0o444
+        # In the worker service's own mount namespace, as its user: the release tree cannot change.
+        out = host(w).run(f"nsenter -t {pid} -m runuser -u modelserve -- touch /srv/modelserve/probe")
+        assert out.rc != 0 and "Read-only file system" in out.stderr, (w, out.stderr)

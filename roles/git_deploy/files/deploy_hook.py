@@ -247,7 +247,8 @@ def ensure_stored(conf: dict, version: str, source: Path | None = None) -> Path:
     store(conf).mkdir(parents=True, exist_ok=True)
     tmp = store(conf) / f".{version}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
+    shutil.copytree(source, tmp, copy_function=shutil.copyfile)  # workers' copies are read-only
+    tmp.chmod(0o755)
     os.replace(tmp, dest)
     return dest
 
@@ -386,7 +387,7 @@ def ship(conf: dict, target: dict, release: Path, version: str) -> None:
                 "-e",
                 "ssh -o BatchMode=yes -o ConnectTimeout=10",
                 f"{release}/",
-                f"{target['user']}@{target['address']}:{incoming}/",
+                f"{target['user']}@{target['address']}:{version}/",  # rrsync: relative to incoming
             ],
             capture_output=True,
             text=True,
