@@ -8,6 +8,7 @@ record, the change lock, all-or-nothing restores and rollback to a named release
 
 import fcntl
 import getpass
+import hashlib
 import http.server
 import json
 import os
@@ -239,6 +240,21 @@ def test_a_corrupt_model_file_is_refused(prod):
     git("commit", "-qam", "corrupt", cwd=work)
     refused(work, "REJECTED: invalid model release", "model.tflite")
     assert not branch_exists(bare)
+
+
+def test_a_model_that_does_not_load_is_refused_by_the_gate_not_loaded_by_the_hook(prod):
+    work, bare = prod
+    release(work, "1.3.0")
+    rel = work / "release"
+    (rel / "model.tflite").write_bytes(b"not a model" * 100)
+    meta = json.loads((rel / "metadata.json").read_text())  # checksums made to match: only loading tells
+    meta["files"]["model.tflite"]["sha256"] = hashlib.sha256((rel / "model.tflite").read_bytes()).hexdigest()
+    (rel / "metadata.json").write_text(json.dumps(meta))
+    commit(work, "corrupt, consistent checksums")
+    refused(
+        work, "REJECTED: the release gate could not measure the release", "model.tflite does not load or run"
+    )
+    assert not branch_exists(bare) and serving(bare) == "1.0.0"
 
 
 def test_a_tree_without_a_release_is_refused(prod):

@@ -55,7 +55,10 @@ def measure(release_dir: Path, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
 
     validate_release(release_dir, load=False)  # checksums: the measured file is the listed one
     threshold = float(read_metadata(release_dir).get("threshold", DEFAULT_THRESHOLD))
-    probs = np.asarray(TFLiteModel(Path(release_dir) / "model.tflite").predict(x), dtype=np.float64)
+    try:
+        probs = np.asarray(TFLiteModel(Path(release_dir) / "model.tflite").predict(x), dtype=np.float64)
+    except Exception as exc:  # whatever a broken or hostile file makes LiteRT raise
+        raise ValueError(f"model.tflite does not load or run: {exc}") from None
     if probs.shape != y.shape or not np.isfinite(probs).all():
         raise ValueError(f"model.tflite gave {probs.shape} non-finite or misshaped scores for {len(y)} rows")
     return {
