@@ -144,7 +144,7 @@ def test_a_higher_valid_version_is_accepted(prod):
     release(work, "1.1.0")
     res = push(work)
     assert res.returncode == 0, res.stderr
-    assert "release 1.1.0 passed the gate (measured on 765 rows: accuracy 0.8157, AUC 0.8828)" in res.stderr
+    assert "release 1.1.0 passed the gate (measured on 765 rows: accuracy 0.8157, AUC 0.8828; " in res.stderr
     assert "deployed 1.1.0 to 1 host(s); each confirmed it serves it" in res.stderr
     assert branch_exists(bare)
     assert serving(bare) == "1.1.0"

@@ -550,10 +550,12 @@ def pre_receive(conf: dict, lines: list[str]) -> int:
             with staging_dir(conf) as tmp:
                 release = export_release(new, conf["release_path"], tmp)
                 meta = check_release(conf, release)
+                t0 = time.monotonic()
                 m = gate(conf, release, meta)
                 say(
                     f"release {meta['version']} passed the gate (measured on {m['rows']} rows: accuracy "
-                    f"{m['accuracy']:.4f}, AUC {m['auc']:.4f}), deploying to {len(conf['targets'])} host(s)"
+                    f"{m['accuracy']:.4f}, AUC {m['auc']:.4f}; {time.monotonic() - t0:.1f} s), "
+                    f"deploying to {len(conf['targets'])} host(s)"
                 )
                 deploy(conf, release, meta, new)
             hold_until_push_ends(conf, lock)
