@@ -336,11 +336,11 @@ def hold_until_push_ends(conf: dict, fd: int) -> None:
 
 COMMAND_TIMEOUT = 120  # seconds for one step on one target (copy, install, activate, check)
 MAX_PARALLEL = 16  # targets a step runs on at once
-# One SSH connection per target for a whole change (a step reuses it rather than a new handshake);
-# the master closes itself 60 s after the last use.
+# One SSH connection per target for one change (its steps reuse it rather than a new handshake),
+# never shared with the next change: that one must find out for itself whether a target answers.
 SSH_OPTIONS = [
-    "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
-    "-o", "ControlMaster=auto", "-o", "ControlPath=~/.ssh/cm-%C", "-o", "ControlPersist=60",
+    "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "ControlMaster=auto",
+    "-o", f"ControlPath=~/.ssh/cm-{os.getpid()}-%C", "-o", "ControlPersist=30",
 ]  # fmt: skip
 
 
@@ -372,6 +372,18 @@ def run_on(conf: dict, target: dict, action: str, *args: str) -> str:
         lines = (res.stderr or res.stdout).strip().splitlines() or [f"exit status {res.returncode}"]
         raise HostFailed(target["name"], f"{action} failed: {lines[-1]}")
     return res.stdout.strip()
+
+
+def close_connections(conf: dict) -> None:
+    """End this change's SSH connections (they would otherwise linger ControlPersist seconds)."""
+    for target in conf.get("targets", []):
+        if not target["local"]:
+            subprocess.run(
+                ["ssh", *SSH_OPTIONS, "-O", "exit", f"{target['user']}@{target['address']}"],
+                capture_output=True,
+                check=False,
+                timeout=10,
+            )
 
 
 def ship(conf: dict, target: dict, release: Path, version: str) -> None:
@@ -626,14 +638,17 @@ def main(argv: list[str] | None = None) -> int:
         print(usage, file=sys.stderr)
         return 2
     conf = load_config()
-    if argv[0] in ("rollback", "sync"):
-        version = argv[1] if len(argv) > 1 and argv[1] else None
-        if version and (argv[0] == "sync" or not SEMVER.match(version)):
-            print(usage, file=sys.stderr)
-            return 2
-        return serve_desired(conf, argv[0], version)
-    lines = [ln for ln in sys.stdin.read().splitlines() if ln.strip()]
-    return pre_receive(conf, lines) if argv[0] == "pre-receive" else post_receive(conf, lines)
+    try:
+        if argv[0] in ("rollback", "sync"):
+            version = argv[1] if len(argv) > 1 and argv[1] else None
+            if version and (argv[0] == "sync" or not SEMVER.match(version)):
+                print(usage, file=sys.stderr)
+                return 2
+            return serve_desired(conf, argv[0], version)
+        lines = [ln for ln in sys.stdin.read().splitlines() if ln.strip()]
+        return pre_receive(conf, lines) if argv[0] == "pre-receive" else post_receive(conf, lines)
+    finally:
+        close_connections(conf)
 
 
 if __name__ == "__main__":
