@@ -299,8 +299,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"(held-out accuracy {m['heldout_accuracy']:.3f}, AUC {m['heldout_auc']:.3f})"
             )
         elif args.command == "activate":
-            old = activate(model_dir, args.version)
-            print(f"current: {old or 'none'} -> {args.version}")
+            old = activate(model_dir, args.version)  # validated (loaded) before the flip
+            # Read back after the flip: what this host now serves, in its own words (the git hook's
+            # confirmation that the switch took here).
+            print(f"current: {old or 'none'} -> {args.version}\nserving {current_version(model_dir)}")
         elif args.command == "rollback":
             old = current_version(model_dir)
             new = rollback(model_dir)

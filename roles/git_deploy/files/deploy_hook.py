@@ -457,6 +457,15 @@ def confirm(conf: dict, target: dict, version: str) -> None:
     run_on(conf, target, "verify")
 
 
+def switch(conf: dict, target: dict, version: str) -> None:
+    """Activate `version` on the target, which loads it before the flip and reads its `current`
+    back after it: the target's own confirmation, in one step."""
+    said = run_on(conf, target, "activate", version).splitlines()
+    now = said[-1].removeprefix("serving ") if said else "nothing"
+    if now != version:
+        raise HostFailed(target["name"], f"serves {now} after activating {version}")
+
+
 def wait_served(conf: dict, version: str) -> None:
     """The front end answers with the version too (every worker confirmed it already)."""
     deadline = time.monotonic() + float(conf["switch_timeout"])
@@ -483,10 +492,12 @@ def change_fleet(conf: dict, version: str, release: Path, served: dict[str, str]
     first_failure(on_each(moving, lambda t: ship(conf, t, release, version)))
     activated = []
     try:
-        results = on_each(moving, lambda t: run_on(conf, t, "activate", version))
-        activated = [t for t, result in results if not isinstance(result, HostFailed)]
-        first_failure(results)  # a failed activate leaves that target's `current` as it was
-        first_failure(on_each(targets, lambda t: confirm(conf, t, version)))
+        results = on_each(moving, lambda t: switch(conf, t, version))
+        # A failed activate leaves that target's `current` as it was; a failed read-back may not.
+        activated = [t for t, r in results if not (isinstance(r, HostFailed) and "activate failed" in str(r))]
+        first_failure(results)
+        staying = [t for t in targets if t not in moving]  # already on it: confirm them too
+        first_failure(on_each(staying, lambda t: confirm(conf, t, version)))
         if conf.get("api_url") and moving:
             wait_served(conf, version)
     except HostFailed as exc:
