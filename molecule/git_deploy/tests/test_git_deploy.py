@@ -294,16 +294,31 @@ def test_of_two_concurrent_pushes_the_second_waits_then_is_refused_with_the_reas
         time.sleep(0.2)
     else:
         pytest.fail("the first push never took the change lock")
-    out = dev(f"cd {second} && git push production HEAD:main 2>&1")
-    for _ in range(150):
+    # The first deploy is paused while it holds the lock (a deploy takes ~2 s: too short to race),
+    # and resumed once the second push has said it waits.
+    hook = "pkill -{} -f 'deploy_hook.py pre-receive'"
+    log = "/tmp/second-push.log"
+    assert host("gd-worker1").run(hook.format("STOP")).rc == 0
+    try:
+        second_push = f"git push production HEAD:main > {log} 2>&1; echo rc=$? >> {log}"
+        assert dev(f"cd {second} && setsid -f sh -c '{second_push}'").rc == 0
+        for _ in range(100):
+            said = host("gd-dev").file(log)
+            if said.exists and "waiting up to" in said.content_string:
+                break
+            time.sleep(0.2)
+    finally:
+        assert host("gd-worker1").run(hook.format("CONT")).rc == 0
+    for _ in range(300):
         first = host("gd-dev").file("/tmp/first-push.log").content_string
-        if "deployed 1.3.0" in first or "REJECTED" in first:
+        second_log = host("gd-dev").file(log).content_string
+        if ("deployed 1.3.0" in first or "REJECTED" in first) and "rc=" in second_log:
             break
         time.sleep(0.2)
     assert "deployed 1.3.0" in first, first
-    assert out.rc != 0
-    assert f"waiting up to 60 s for the push of {first_sha[:12]}" in out.stdout, out.stdout
-    assert "moved to" in out.stdout and "while this push waited" in out.stdout
+    assert "rc=0" not in second_log, second_log
+    assert f"waiting up to 60 s for the push of {first_sha[:12]}" in second_log, second_log
+    assert "moved to" in second_log and "while this push waited" in second_log
     assert served(url) == "1.3.0" and serving("1.3.0")
 
 
