@@ -296,7 +296,7 @@ def test_of_two_concurrent_pushes_the_second_waits_then_is_refused_with_the_reas
         pytest.fail("the first push never took the change lock")
     # The first deploy is paused while it holds the lock (a deploy takes ~2 s: too short to race),
     # and resumed once the second push has said it waits.
-    hook = "pkill -{} -f 'deploy_hook.py pre-receive'"
+    hook = "pkill -{} -f '[d]eploy_hook.py pre-receive'"  # [d]: never this shell itself
     log = "/tmp/second-push.log"
     assert host("gd-worker1").run(hook.format("STOP")).rc == 0
     try:
