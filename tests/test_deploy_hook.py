@@ -490,15 +490,21 @@ def test_during_a_canary_pushes_and_rollbacks_are_refused_naming_it(fleet):
     assert serving_on(bare, "here") == "1.0.0" and serving_on(bare, "there") == "1.1.0"
 
 
-def test_promote_serves_the_canary_everywhere_and_records_it(fleet):
-    work, bare = fleet
+def canary_then(work, bare, action, said, serves):
+    """A canary of 1.1.0 on one worker of two, then `action`: it says `said`, both serve `serves`."""
     release(work, "1.1.0")
     assert canary_push(work, 50).returncode == 0
-    res = hook("canary", "promote")
-    assert res.returncode == 0, res.stdout
-    assert "promoted 1.1.0: every one of 2 host(s) confirmed it serves it" in res.stdout
-    assert serving_on(bare, "here") == serving_on(bare, "there") == "1.1.0"
-    s = state(bare)
+    res = hook("canary", action)
+    assert res.returncode == 0 and said in res.stdout, res.stdout
+    assert serving_on(bare, "here") == serving_on(bare, "there") == serves
+    return state(bare)
+
+
+def test_promote_serves_the_canary_everywhere_and_records_it(fleet):
+    work, bare = fleet
+    s = canary_then(
+        work, bare, "promote", "promoted 1.1.0: every one of 2 host(s) confirmed it serves it", "1.1.0"
+    )
     assert s["desired"] == "1.1.0" and s["history"] == ["1.1.0", "1.0.0"] and "canary" not in s
     assert s["action"] == "promote" and s["commit"] == git("rev-parse", "main", cwd=bare).stdout.strip()
     res = hook("canary", "promote")
@@ -509,13 +515,7 @@ def test_promote_serves_the_canary_everywhere_and_records_it(fleet):
 
 def test_abort_puts_the_canary_hosts_back_on_the_stable_release(fleet):
     work, bare = fleet
-    release(work, "1.1.0")
-    assert canary_push(work, 50).returncode == 0
-    res = hook("canary", "abort")
-    assert res.returncode == 0, res.stdout
-    assert "aborted canary 1.1.0: there serve 1.0.0 again" in res.stdout
-    assert serving_on(bare, "here") == serving_on(bare, "there") == "1.0.0"
-    s = state(bare)
+    s = canary_then(work, bare, "abort", "aborted canary 1.1.0: there serve 1.0.0 again", "1.0.0")
     assert s["desired"] == "1.0.0" and "canary" not in s
     assert not (bare.parent / "state" / "releases" / "1.1.0").exists()  # never served: not kept
     assert "aborted canary 1.1.0, there back on 1.0.0" in (bare.parent / "deploy.log").read_text()

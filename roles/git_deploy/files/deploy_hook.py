@@ -36,6 +36,7 @@ import tarfile
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -502,6 +503,12 @@ def change_plan(
     return moved
 
 
+def tidy(conf: dict, state: dict) -> None:
+    """Targets and store down to `keep` releases (the canary's kept while it runs)."""
+    prune_targets(conf)
+    prune_store(conf, state)
+
+
 def prune_targets(conf: dict) -> None:
     for target in conf["targets"]:
         try:
@@ -546,8 +553,7 @@ def deploy(conf: dict, release: Path, meta: dict, commit: str, canary: list[str]
         start_canary(conf, state, meta, commit, canary, took)
         return
     state = write_state(conf, version, "deploy", commit)
-    prune_targets(conf)
-    prune_store(conf, state)
+    tidy(conf, state)
     log(conf, f"deployed {version} {commit[:12]}")
     say(
         f"deployed {version} to {len(conf['targets'])} host(s); each confirmed it serves it "
@@ -624,38 +630,35 @@ def start_canary(conf: dict, state: dict, meta: dict, commit: str, hosts: list[s
     say(f"end it with {end_commands(conf)}")
 
 
-def end_canary(conf: dict, action: str) -> int:
+def end_canary(conf: dict, action: str) -> tuple[str, str]:
     """promote: serve the canary on every target and record it; abort: its hosts back to stable."""
-    try:
-        with change_lock(conf, f"canary {action}"):
-            state = adopted_state(conf)
-            canary = state.get("canary")
-            if not canary:
-                raise Refused(f"no canary is running; production serves {state['desired']}")
-            served = precheck(conf)
-            stable = state["desired"]
-            version, hosts = (canary["version"], None) if action == "promote" else (stable, canary["hosts"])
-            try:
-                change_fleet(conf, version, ensure_stored(conf, version), served, hosts)
-            except HostFailed as exc:
-                raise Refused(f"{action} FAILED on {exc}; {restored(conf, served)}") from None
-            if action == "promote":
-                state = write_state(conf, version, "promote", canary["commit"])
-            else:
-                del state["canary"]
-                save_state(conf, state)
-            prune_targets(conf)
-            prune_store(conf, state)
-    except Refused as exc:
-        say(f"CANARY {action.upper()} REFUSED: {exc}")
-        return 1
+    with change_lock(conf, f"canary {action}"):
+        state = adopted_state(conf)
+        canary = state.get("canary")
+        if not canary:
+            raise Refused(f"no canary is running; production serves {state['desired']}")
+        served = precheck(conf)
+        stable = state["desired"]
+        version, hosts = (canary["version"], None) if action == "promote" else (stable, canary["hosts"])
+        try:
+            change_fleet(conf, version, ensure_stored(conf, version), served, hosts)
+        except HostFailed as exc:
+            raise Refused(f"{action} FAILED on {exc}; {restored(conf, served)}") from None
+        if action == "promote":
+            state = write_state(conf, version, "promote", canary["commit"])
+        else:
+            del state["canary"]
+            save_state(conf, state)
+        tidy(conf, state)
     if action == "promote":
-        log(conf, f"promoted canary {version} (stable was {stable})")
-        say(f"promoted {version}: every one of {len(conf['targets'])} host(s) confirmed it serves it")
-    else:
-        log(conf, f"aborted canary {canary['version']}, {', '.join(hosts)} back on {stable}")
-        say(f"aborted canary {canary['version']}: {', '.join(hosts)} serve {stable} again, like the others")
-    return 0
+        return (
+            f"promoted canary {version} (stable was {stable})",
+            f"promoted {version}: every one of {len(conf['targets'])} host(s) confirmed it serves it",
+        )
+    return (
+        f"aborted canary {canary['version']}, {', '.join(hosts)} back on {stable}",
+        f"aborted canary {canary['version']}: {', '.join(hosts)} serve {stable} again, like the others",
+    )
 
 
 def canary_status(conf: dict) -> int:
@@ -719,59 +722,69 @@ def post_receive(conf: dict, lines: list[str]) -> int:
     return 0
 
 
-def serve_desired(conf: dict, action: str, version: str | None = None) -> int:
+def sync_plan(state: dict, served: dict[str, str]) -> list[tuple[str, list[str] | None]]:
+    """The desired release everywhere; during a canary its hosts keep it and every other target (a
+    new one too) gets the stable release. Never a target back past what production recorded."""
+    version = state["desired"]
+    canary = state.get("canary") or {"version": None, "hosts": []}
+    ahead = [
+        f"{name} serves {v}"
+        for name, v in served.items()
+        if v not in (*state["history"], canary["version"]) and version_key(v) > version_key(version)
+    ]
+    if ahead:
+        raise Refused(f"{'; '.join(ahead)}, newer than the desired {version} and never recorded")
+    if not canary["hosts"]:
+        return [(version, None)]
+    return [(version, [n for n in served if n not in canary["hosts"]]), (canary["version"], canary["hosts"])]
+
+
+def serve_desired(conf: dict, action: str, version: str | None = None) -> tuple[str | None, str]:
     """Rollback (to `version`, default the one served before) or sync (to the desired release)."""
-    try:
-        what = f"rollback to {version or 'the release served before'}"
-        with change_lock(conf, what if action == "rollback" else "site.yml release sync"):
-            state = adopted_state(conf)
-            current = state["desired"]
-            if action == "rollback":
-                refuse_during_canary(conf, "a rollback", "abort it first")
-                version = version or previous_version(state)
-                if not version:
-                    raise Refused(f"no release before {current} is recorded")
-            version = version or current
-            served = precheck(conf)
-            canary = state.get("canary") or {"version": None, "hosts": []}
-            # A sync never moves a target back past what production recorded (a rollback may).
-            ahead = [
-                f"{name} serves {v}"
-                for name, v in served.items()
-                if action == "sync"
-                and v not in (*state["history"], canary["version"])
-                and version_key(v) > version_key(version)
-            ]
-            if ahead:
-                raise Refused(f"{'; '.join(ahead)}, newer than the desired {version} and never recorded")
-            # During a canary its hosts keep it and every other target (a new one too) is stable.
-            plan = [(version, [n for n in served if n not in canary["hosts"]] if canary["hosts"] else None)]
-            if canary["hosts"]:
-                plan.append((canary["version"], canary["hosts"]))
-            try:
-                moved = change_plan(conf, plan, served)
-            except HostFailed as exc:
-                raise Refused(f"{action} to {version} FAILED on {exc}; {restored(conf, served)}") from None
-            if version != current or action == "rollback":
-                state = write_state(conf, version, action)
-            prune_targets(conf)  # git_deploy_releases_keep, also on a worker that just joined
-            prune_store(conf, state)
-    except Refused as exc:
-        say(f"{action.upper()} REFUSED: {exc}")
-        return 1
+    what = f"rollback to {version or 'the release served before'}"
+    with change_lock(conf, what if action == "rollback" else "site.yml release sync"):
+        state = adopted_state(conf)
+        current = state["desired"]
+        if action == "rollback":
+            refuse_during_canary(conf, "a rollback", "abort it first")
+            version = version or previous_version(state)
+            if not version:
+                raise Refused(f"no release before {current} is recorded")
+        version = version or current
+        served = precheck(conf)
+        plan = sync_plan(state, served) if action == "sync" else [(version, None)]
+        try:
+            moved = change_plan(conf, plan, served)
+        except HostFailed as exc:
+            raise Refused(f"{action} to {version} FAILED on {exc}; {restored(conf, served)}") from None
+        if action == "rollback":
+            state = write_state(conf, version, action)
+        tidy(conf, state)  # git_deploy_releases_keep, also on a worker that just joined
     if action == "rollback":
-        log(conf, f"rolled back {current} -> {version}")
-        say(f"rolled back from {current} to {version} on {len(conf['targets'])} host(s)")
-    elif moved:
-        what = {version: "the desired release", canary["version"]: "the canary"}
-        now = "; ".join(
-            f"{', '.join(n for n in moved if moved[n] == v)} now serve {v}, {what[v]}"
-            for v in dict.fromkeys(moved.values())
+        return (
+            f"rolled back {current} -> {version}",
+            f"rolled back from {current} to {version} on {len(conf['targets'])} host(s)",
         )
-        log(conf, f"synced: {now}")
-        say(now)
-    else:
-        say(f"every target serves {version}, the desired release")
+    if not moved:
+        return None, f"every target serves {version}, the desired release"
+    what = {v: "the canary" for v, _ in plan[1:]} | {version: "the desired release"}
+    now = "; ".join(
+        f"{', '.join(n for n in moved if moved[n] == v)} now serve {v}, {what[v]}"
+        for v in dict.fromkeys(moved.values())
+    )
+    return f"synced: {now}", now
+
+
+def reported(conf: dict, label: str, change: Callable[[], tuple[str | None, str]]) -> int:
+    """Run a change command: log and say its outcome, or say why it was refused (exit status 1)."""
+    try:
+        logged, outcome = change()
+    except Refused as exc:
+        say(f"{label} REFUSED: {exc}")
+        return 1
+    if logged:
+        log(conf, logged)
+    say(outcome)
     return 0
 
 
@@ -788,13 +801,13 @@ def main(argv: list[str] | None = None) -> int:
         if argv[1:] not in (["promote"], ["abort"]):
             print(usage, file=sys.stderr)
             return 2
-        return end_canary(conf, argv[1])
+        return reported(conf, f"CANARY {argv[1].upper()}", lambda: end_canary(conf, argv[1]))
     if argv[0] in ("rollback", "sync"):
         version = argv[1] if len(argv) > 1 and argv[1] else None
         if version and (argv[0] == "sync" or not SEMVER.match(version)):
             print(usage, file=sys.stderr)
             return 2
-        return serve_desired(conf, argv[0], version)
+        return reported(conf, argv[0].upper(), lambda: serve_desired(conf, argv[0], version))
     lines = [ln for ln in sys.stdin.read().splitlines() if ln.strip()]
     return pre_receive(conf, lines) if argv[0] == "pre-receive" else post_receive(conf, lines)
 
