@@ -391,6 +391,11 @@ def answers(url, n=20):
     )
 
 
+def report(capsys, what, load):
+    with capsys.disabled():  # the figures in the scenario's output, not only on a failure
+        print(f"\n{what} under load: {load.sent} sent, {len(load.failures)} failed, {dict(load.versions)}")
+
+
 def canary_push(percent):
     return dev(f"git push -o canary={percent} production HEAD:main 2>&1")
 
@@ -430,15 +435,13 @@ def test_a_push_during_a_canary_is_refused_naming_it(url):
     assert res.returncode != 0 and "abort it first" in res.stdout + res.stderr
 
 
-def test_promote_under_steady_load_fails_no_request(url):
+def test_promote_under_steady_load_fails_no_request(url, capsys):
     with Load(url) as load:
         res = playbook("canary.yml", "-e", "action=promote")
         time.sleep(3)  # answers from both workers after the switch
     assert res.returncode == 0, res.stdout[-3000:]
     assert "promoted 1.5.0: every one of 2 host(s) confirmed it serves it" in res.stdout
-    print(
-        f"promote: {load.sent} requests sent, {len(load.failures)} failed, by version {dict(load.versions)}"
-    )
+    report(capsys, "promote", load)
     assert load.sent > 20 and not load.failures, load.failures[:5]
     assert serving("1.5.0") and answers(url) == {"1.5.0": 20}
     state = desired()
@@ -447,7 +450,7 @@ def test_promote_under_steady_load_fails_no_request(url):
     )
 
 
-def test_abort_under_steady_load_fails_no_request(url):
+def test_abort_under_steady_load_fails_no_request(url, capsys):
     commit_release("1.6.0")
     out = canary_push(50)
     assert out.rc == 0, out.stdout
@@ -458,7 +461,7 @@ def test_abort_under_steady_load_fails_no_request(url):
         time.sleep(3)
     assert out.rc == 0, out.stdout + out.stderr
     assert "aborted canary 1.6.0: gd-worker2 serve 1.5.0 again" in out.stdout
-    print(f"abort: {load.sent} requests sent, {len(load.failures)} failed, by version {dict(load.versions)}")
+    report(capsys, "abort", load)
     assert load.sent > 20 and not load.failures, load.failures[:5]
     assert load.versions["1.6.0"] > 0, load.versions  # the canary answered before the abort
     assert serving("1.5.0") and answers(url) == {"1.5.0": 20}
