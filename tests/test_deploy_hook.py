@@ -405,3 +405,174 @@ def test_of_two_concurrent_pushes_the_second_waits_and_is_refused_because_the_br
     assert "waiting up to 20 s for the push of" in res.stderr, res.stderr
     assert "moved to" in res.stderr and "while this push waited" in res.stderr
     assert serving(bare) == "1.1.0" and state(bare)["desired"] == "1.1.0"
+
+
+# --- canary releases: `git push -o canary=N`, then promote or abort ------------------------------
+
+
+def add_workers(bare: Path, *names: str) -> None:
+    """More local targets, each with a model directory of its own serving the seed release."""
+    targets = conf_of(bare)["targets"]
+    for name in names:
+        srv = bare.parent / f"srv-{name}"
+        (srv / "releases").mkdir(parents=True)
+        shutil.copytree(SEED, srv / "releases" / "1.0.0")
+        os.symlink("releases/1.0.0", srv / "current")
+        own = {"model_dir": str(srv), "incoming": str(bare.parent / f"incoming-{name}")}
+        targets.append({"name": name, "address": "127.0.0.1", "user": "deploy", "local": True, **own})
+    reconfigure(bare, targets=targets)
+
+
+def serving_on(bare: Path, name: str) -> str:
+    srv = bare.parent / ("srv" if name == "here" else f"srv-{name}")
+    return Path(os.readlink(srv / "current")).name
+
+
+@pytest.fixture
+def fleet(prod):
+    work, bare = prod
+    assert git("config", "receive.advertisePushOptions", "true", cwd=bare).returncode == 0
+    add_workers(bare, "there")
+    return work, bare
+
+
+def canary_push(work, percent, ref="main"):
+    return git("push", "-o", f"canary={percent}", "production", f"HEAD:{ref}", cwd=work)
+
+
+def test_a_canary_is_installed_everywhere_and_served_on_its_share(fleet):
+    work, bare = fleet
+    release(work, "1.1.0")
+    res = canary_push(work, 50)
+    assert res.returncode == 0, res.stderr
+    assert "canary 1.1.0 installed on 2 host(s), served by there" in res.stderr
+    assert "the others keep serving 1.0.0" in res.stderr and "modelserve-canary promote" in res.stderr
+    assert branch_exists(bare)  # the push is accepted
+    assert serving_on(bare, "here") == "1.0.0" and serving_on(bare, "there") == "1.1.0"
+    assert (bare.parent / "srv" / "releases" / "1.1.0").is_dir()  # promoting only activates
+    s = state(bare)
+    assert s["desired"] == "1.0.0" and s["history"] == ["1.0.0"]
+    assert {k: s["canary"][k] for k in ("version", "hosts", "percent")} == {
+        "version": "1.1.0",
+        "hosts": ["there"],
+        "percent": 50,
+    }
+    assert "canary 1.0.0" not in hook("canary", "status").stdout
+    assert "canary 1.1.0 (50%) runs on there" in hook("canary", "status").stdout
+
+
+@pytest.mark.parametrize(
+    ("percent", "why"),
+    [
+        ("0", "canary=0: give the share of workers in percent, 1 to 99"),
+        ("100", "canary=100: give the share of workers in percent, 1 to 99"),
+        ("x", "canary=x: give the share"),
+        ("51", "canary=51 of 2 worker(s) is all of them; at most canary=50"),
+    ],
+)
+def test_a_canary_of_no_worker_or_of_all_is_refused(fleet, percent, why):
+    work, bare = fleet
+    release(work, "1.1.0")
+    res = canary_push(work, percent)
+    assert res.returncode != 0 and why in res.stderr, res.stderr
+    assert not branch_exists(bare) and serving_on(bare, "there") == "1.0.0"
+
+
+def test_a_canary_needs_two_workers_and_unknown_push_options_are_refused(prod):
+    work, bare = prod
+    assert git("config", "receive.advertisePushOptions", "true", cwd=bare).returncode == 0
+    release(work, "1.1.0")
+    res = canary_push(work, 50)
+    assert res.returncode != 0 and "a canary needs at least 2 workers" in res.stderr, res.stderr
+    res = git("push", "-o", "skip-gate", "production", "HEAD:main", cwd=work)
+    assert res.returncode != 0 and "unknown push option skip-gate" in res.stderr, res.stderr
+    assert serving(bare) == "1.0.0" and not branch_exists(bare)
+
+
+def test_during_a_canary_pushes_and_rollbacks_are_refused_naming_it(fleet):
+    work, bare = fleet
+    release(work, "1.1.0")
+    assert canary_push(work, 50).returncode == 0
+    release(work, "1.2.0")
+    for res in (push(work), canary_push(work, 50)):
+        assert res.returncode != 0
+        assert "while canary 1.1.0 (50%) runs on there since" in res.stderr, res.stderr
+        assert "end it first: `modelserve-canary promote` or `abort` on here" in res.stderr
+        assert "playbooks/canary.yml -e action=promote|abort" in res.stderr
+    res = hook("rollback", "1.0.0")
+    assert res.returncode != 0 and "a rollback while canary 1.1.0" in res.stdout
+    assert "abort it first" in res.stdout
+    assert serving_on(bare, "here") == "1.0.0" and serving_on(bare, "there") == "1.1.0"
+
+
+def canary_then(work, bare, action, said, serves):
+    """A canary of 1.1.0 on one worker of two, then `action`: it says `said`, both serve `serves`."""
+    release(work, "1.1.0")
+    assert canary_push(work, 50).returncode == 0
+    res = hook("canary", action)
+    assert res.returncode == 0 and said in res.stdout, res.stdout
+    assert serving_on(bare, "here") == serving_on(bare, "there") == serves
+    return state(bare)
+
+
+def test_promote_serves_the_canary_everywhere_and_records_it(fleet):
+    work, bare = fleet
+    s = canary_then(
+        work, bare, "promote", "promoted 1.1.0: every one of 2 host(s) confirmed it serves it", "1.1.0"
+    )
+    assert s["desired"] == "1.1.0" and s["history"] == ["1.1.0", "1.0.0"] and "canary" not in s
+    assert s["action"] == "promote" and s["commit"] == git("rev-parse", "main", cwd=bare).stdout.strip()
+    res = hook("canary", "promote")
+    assert res.returncode != 0 and "no canary is running; production serves 1.1.0" in res.stdout
+    release(work, "1.2.0")  # pushes are accepted again
+    res = push(work)
+    assert res.returncode == 0 and serving_on(bare, "there") == "1.2.0", res.stderr
+
+
+def test_abort_puts_the_canary_hosts_back_on_the_stable_release(fleet):
+    work, bare = fleet
+    s = canary_then(work, bare, "abort", "aborted canary 1.1.0: there serve 1.0.0 again", "1.0.0")
+    assert s["desired"] == "1.0.0" and "canary" not in s
+    assert not (bare.parent / "state" / "releases" / "1.1.0").exists()  # never served: not kept
+    assert "aborted canary 1.1.0, there back on 1.0.0" in (bare.parent / "deploy.log").read_text()
+    release(work, "1.2.0")  # on top of the aborted commit
+    assert canary_push(work, 50).returncode == 0 and serving_on(bare, "there") == "1.2.0"
+
+
+def test_a_failed_canary_puts_its_hosts_back(fleet):
+    work, bare = fleet
+    add_workers(bare, "third")  # canary=50 of 3: there and third
+    # third already holds a 1.1.0 whose model file rotted: its activation fails, after there's.
+    rotten = bare.parent / "srv-third" / "releases" / "1.1.0"
+    release(work, "1.1.0")
+    shutil.copytree(work / "release", rotten)
+    (rotten / "model.tflite").write_bytes(b"rot" * 100)
+    res = canary_push(work, 50)
+    assert res.returncode != 0
+    assert "canary of 1.1.0 FAILED on third: activate failed" in res.stderr, res.stderr
+    assert "every target is back on 1.0.0" in res.stderr
+    assert [serving_on(bare, n) for n in ("here", "there", "third")] == ["1.0.0"] * 3
+    assert "canary" not in state(bare) and not branch_exists(bare)
+
+
+def test_sync_during_a_canary_keeps_it_on_its_hosts_and_gives_the_others_the_stable_release(fleet):
+    work, bare = fleet
+    release(work, "1.1.0")
+    assert push(work).returncode == 0
+    release(work, "1.2.0")
+    assert canary_push(work, 50).returncode == 0
+    # there was rebuilt (the seed only) and a new worker joined.
+    srv = bare.parent / "srv-there"
+    shutil.rmtree(srv)
+    add_workers(bare, "there-again", "new")
+    targets = [t for t in conf_of(bare)["targets"] if t["name"] != "there"]
+    (bare.parent / "srv-there-again").rename(srv)
+    targets[1].update(name="there", model_dir=str(srv))
+    reconfigure(bare, targets=targets)
+    res = hook("sync")
+    assert res.returncode == 0, res.stdout
+    assert [serving_on(bare, n) for n in ("here", "there", "new")] == ["1.1.0", "1.2.0", "1.1.0"]
+    assert "new now serve 1.1.0, the desired release; there now serve 1.2.0, the canary" in res.stdout
+    assert state(bare)["canary"]["hosts"] == ["there"]
+    assert hook("canary", "abort").returncode == 0
+    assert [serving_on(bare, n) for n in ("here", "there", "new")] == ["1.1.0"] * 3

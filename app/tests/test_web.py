@@ -44,6 +44,21 @@ def test_model_endpoint(client):
     assert "loaded_at" in r.json and "metrics" in r.json
 
 
+def test_predictions_name_the_model_version_in_a_header_and_the_metrics():
+    # During a canary some workers answer with another version: each answer says which.
+    for version in ("1.0.0", "1.1.0"):
+        c = create_app(make_settings(), tasks=FakeTaskLayer(version=version)).test_client()
+        r = c.post("/api/v1/predict", json={"rows": [[1, 2, 3, 4, 5, 6, 0.1, 8]] * 2})
+        assert r.status_code == 200
+        assert r.headers["X-Model-Version"] == r.json["model_version"] == version
+        metrics = c.get("/metrics").get_data(as_text=True)
+        assert re.search(
+            rf'modelserve_predictions_total\{{model_version="{re.escape(version)}"[^}}]*\}} 2', metrics
+        )
+    r = c.post("/api/v1/predict", json={"rows": []})  # refused: no model answered, no header
+    assert r.status_code == 422 and "X-Model-Version" not in r.headers
+
+
 def test_openapi_document(client):
     r = client.get("/api/v1/openapi.json")
     assert r.status_code == 200

@@ -143,12 +143,12 @@ def predict() -> Response:
     text = f'{{"model_version":{json.dumps(version)},"predictions":[{",".join(preds)}]'
     if single:
         text += f',"prediction":{preds[0]}'
-    worker = result.get("worker")
-    return Response(
-        text + "}",
-        mimetype="application/json",
-        headers={"X-Modelserve-Worker": worker} if worker else None,
-    )
+    # The version that answered, in a header too: during a canary, proxies and load tests can count
+    # answers per version without parsing bodies.
+    headers = {"X-Model-Version": version}
+    if worker := result.get("worker"):
+        headers["X-Modelserve-Worker"] = worker
+    return Response(text + "}", mimetype="application/json", headers=headers)
 
 
 @api.get("/model")

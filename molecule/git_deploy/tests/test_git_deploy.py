@@ -6,6 +6,8 @@ rollback restores the previous release. Then the fleet's guarantees: a push with
 refused untouched, a failed activation on one worker puts every worker back, of two concurrent
 pushes the second waits and is refused with the reason, a rebuilt worker gets the desired release
 from site.yml's delivery play, and a rollback to a named release reaches a worker that never had it.
+Last, canary releases: one worker of two serves a new release beside the stable one, a push is
+refused meanwhile, and promote and abort switch under a steady load without one failed request.
 """
 
 import json
@@ -14,6 +16,7 @@ import shlex
 import subprocess
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -353,6 +356,131 @@ def test_rollback_to_a_named_release_reaches_a_worker_that_never_had_it(url):
     assert res.returncode != 0
     assert "release 0.0.9 is not in the release store" in res.stdout + res.stderr  # fatal: on stderr
     assert served(url) == "1.2.0" and serving("1.2.0")
+
+
+# --- canary releases: one of the two workers serves the new release, then promote or abort ------
+
+
+class Load:
+    """Steady predictions from a few threads while a change runs; answers counted per version (the
+    X-Model-Version header), failures kept. Bounded: each thread stops after `limit` seconds."""
+
+    def __init__(self, url, threads=4, limit=300):
+        self.url, self.limit = url, limit
+        self.versions, self.failures, self.sent = Counter(), [], 0
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self.run) for _ in range(threads)]
+
+    def run(self):
+        end = time.monotonic() + self.limit
+        while not self.stop.is_set() and time.monotonic() < end:
+            try:
+                r = requests.post(f"{self.url}/api/v1/predict", json={"rows": [ROW]}, timeout=10)
+                ok, what = r.status_code == 200, r.headers.get("X-Model-Version") or r.status_code
+            except requests.RequestException as exc:
+                ok, what = False, repr(exc)
+            with self.lock:
+                self.sent += 1
+                if ok:
+                    self.versions[what] += 1
+                else:
+                    self.failures.append(what)
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=30)
+
+
+def answers(url, n=20):
+    """Versions named by `n` prediction answers, by their header."""
+    return Counter(
+        requests.post(f"{url}/api/v1/predict", json={"rows": [ROW]}, timeout=10).headers["X-Model-Version"]
+        for _ in range(n)
+    )
+
+
+def report(capsys, what, load):
+    with capsys.disabled():  # the figures in the scenario's output, not only on a failure
+        print(f"\n{what} under load: {load.sent} sent, {len(load.failures)} failed, {dict(load.versions)}")
+
+
+def canary_push(percent):
+    return dev(f"git push -o canary={percent} production HEAD:main 2>&1")
+
+
+def test_a_canary_push_serves_the_new_release_on_one_of_two_workers(url):
+    commit_release("1.5.0")
+    out = canary_push(50)
+    assert out.rc == 0, out.stdout
+    assert "canary 1.5.0 installed on 2 host(s), served by gd-worker2" in out.stdout, out.stdout
+    assert "the others keep serving 1.2.0" in out.stdout and "modelserve-canary promote" in out.stdout
+    w1, w2 = (host(w).file("/srv/modelserve/current").linked_to for w in WORKERS)
+    assert w1.endswith("releases/1.2.0") and w2.endswith("releases/1.5.0")
+    assert host("gd-worker1").file("/srv/modelserve/releases/1.5.0/model.tflite").exists  # installed
+    state = desired()
+    assert state["desired"] == "1.2.0" and state["canary"]["hosts"] == ["gd-worker2"]
+    time.sleep(2)  # each worker process looks at `current` again within its check interval
+    with Load(url) as load:  # both versions answer the one API, each answer says which
+        for _ in range(100):
+            if min(load.versions["1.2.0"], load.versions["1.5.0"]) >= 10:
+                break
+            time.sleep(0.2)
+    assert not load.failures, load.failures[:5]
+    assert load.versions["1.2.0"] >= 10 and load.versions["1.5.0"] >= 10, load.versions
+    status = host("gd-worker1").run("/usr/local/sbin/modelserve-canary status")
+    assert status.rc == 0 and "canary 1.5.0 (50%) runs on gd-worker2" in status.stdout, status.stdout
+
+
+def test_a_push_during_a_canary_is_refused_naming_it(url):
+    commit_release("1.6.0")
+    out = push()
+    assert dev("git reset -q --hard HEAD~1").rc == 0
+    assert out.rc != 0
+    assert "a push to main while canary 1.5.0 (50%) runs on gd-worker2" in out.stdout, out.stdout
+    assert "`modelserve-canary promote` or `abort` on gd-worker1" in out.stdout
+    assert desired()["canary"]["version"] == "1.5.0"
+    res = playbook("rollback.yml")
+    assert res.returncode != 0 and "abort it first" in res.stdout + res.stderr
+
+
+def test_promote_under_steady_load_fails_no_request(url, capsys):
+    with Load(url) as load:
+        res = playbook("canary.yml", "-e", "action=promote")
+        time.sleep(3)  # answers from both workers after the switch
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert "promoted 1.5.0: every one of 2 host(s) confirmed it serves it" in res.stdout
+    report(capsys, "promote", load)
+    assert load.sent > 20 and not load.failures, load.failures[:5]
+    assert serving("1.5.0") and answers(url) == {"1.5.0": 20}
+    state = desired()
+    assert (
+        state["desired"] == "1.5.0" and "canary" not in state and state["history"][:2] == ["1.5.0", "1.2.0"]
+    )
+
+
+def test_abort_under_steady_load_fails_no_request(url, capsys):
+    commit_release("1.6.0")
+    out = canary_push(50)
+    assert out.rc == 0, out.stdout
+    time.sleep(2)
+    with Load(url) as load:
+        time.sleep(2)
+        out = host("gd-worker1").run("/usr/local/sbin/modelserve-canary abort")
+        time.sleep(3)
+    assert out.rc == 0, out.stdout + out.stderr
+    assert "aborted canary 1.6.0: gd-worker2 serve 1.5.0 again" in out.stdout
+    report(capsys, "abort", load)
+    assert load.sent > 20 and not load.failures, load.failures[:5]
+    assert load.versions["1.6.0"] > 0, load.versions  # the canary answered before the abort
+    assert serving("1.5.0") and answers(url) == {"1.5.0": 20}
+    assert "canary" not in desired() and desired()["desired"] == "1.5.0"
 
 
 def test_every_host_is_tidy_after_the_deploys():

@@ -8,6 +8,12 @@ release checks are used):
     deploy_hook.py post-receive       announce refs that are stored but not deployed
     deploy_hook.py rollback [X.Y.Z]   serve X.Y.Z (default: the release served before) everywhere
     deploy_hook.py sync               serve the desired release on every target (site.yml)
+    deploy_hook.py canary promote|abort|status
+                                      end a canary (`git push -o canary=N`): serve it everywhere, or
+                                      put its hosts back on the stable release; or say what runs
+
+A canary release is installed on every target but activated on ceil(N% of the targets) only (at
+least one, never all); the state records it beside the stable desired release until it ends.
 
 Production's one record of what it serves is the state file (`state_dir`/state.json: the desired
 release and the ones served before, newest first), next to a store of those releases that workers
@@ -31,6 +37,7 @@ import tarfile
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -211,6 +218,10 @@ def write_state(conf: dict, version: str, action: str, commit: str | None = None
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
         "history": history,
     }
+    return save_state(conf, state)  # a new desired release ends any canary (promote)
+
+
+def save_state(conf: dict, state: dict) -> dict:
     # Readers see the old or the new record, never half of one.
     tmp = state_file(conf).with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(state, indent=2) + "\n")
@@ -258,6 +269,8 @@ def ensure_stored(conf: dict, version: str, source: Path | None = None) -> Path:
 
 def prune_store(conf: dict, state: dict) -> None:
     wanted = list(dict.fromkeys(state["history"]))[: int(conf["keep"])]
+    if state.get("canary"):  # not in the history until promoted
+        wanted.append(state["canary"]["version"])
     for path in store(conf).iterdir():
         if path.is_dir() and path.name not in wanted:
             shutil.rmtree(path, ignore_errors=True)
@@ -356,6 +369,8 @@ def _ssh(target: dict, *command: str) -> list[str]:
 
 
 def run_on(conf: dict, target: dict, action: str, *args: str) -> str:
+    if target.get("model_dir"):  # a local target with directories of its own (tests)
+        conf = {**conf, "model_dir": target["model_dir"], "incoming": target["incoming"]}
     if not target["local"]:
         cmd = _ssh(target, action, *args)
     elif action == "install":  # the local copy is in the incoming directory
@@ -388,7 +403,7 @@ def close_connections(conf: dict) -> None:
 
 def ship(conf: dict, target: dict, release: Path, version: str) -> None:
     """Put the release in target's incoming dir, then install it into releases/<version>."""
-    incoming = Path(conf["incoming"]) / version
+    incoming = Path(target.get("incoming") or conf["incoming"]) / version
     if target["local"]:
         shutil.rmtree(incoming, ignore_errors=True)
         shutil.copytree(release, incoming)
@@ -482,11 +497,14 @@ def wait_served(conf: dict, version: str) -> None:
     raise HostFailed("the front end", f"{conf['api_url']} still reports {last!r}, not {version}")
 
 
-def change_fleet(conf: dict, version: str, release: Path, served: dict[str, str]) -> list[str]:
-    """Serve `version` on every target, or on none: install everywhere, then activate everywhere,
-    each target confirming; on any failure every activated target goes back to what it served.
-    Each step runs on all targets at once, so a deploy takes about as long for 3 workers as for 1."""
-    targets = conf["targets"]
+def change_fleet(
+    conf: dict, version: str, release: Path, served: dict[str, str], hosts: list[str] | None = None
+) -> list[str]:
+    """Serve `version` on every target (or on `hosts` only: a canary's), or on none: install, then
+    activate, each target confirming; on any failure every activated target goes back to what it
+    served. Each step runs on all targets at once, so a deploy takes about as long for 3 workers
+    as for 1."""
+    targets = [t for t in conf["targets"] if hosts is None or t["name"] in hosts]
     moving = [t for t in targets if served[t["name"]] != version]
     # Every host has the files before any host switches.
     first_failure(on_each(moving, lambda t: ship(conf, t, release, version)))
@@ -498,15 +516,43 @@ def change_fleet(conf: dict, version: str, release: Path, served: dict[str, str]
         first_failure(results)
         staying = [t for t in targets if t not in moving]  # already on it: confirm them too
         first_failure(on_each(staying, lambda t: confirm(conf, t, version)))
-        if conf.get("api_url") and moving:
+        # The front end answers from any worker: it names one version only when all serve it.
+        if conf.get("api_url") and moving and hosts is None:
             wait_served(conf, version)
     except HostFailed as exc:
-        restores = on_each(activated, lambda t: run_on(conf, t, "activate", served[t["name"]]))
-        for _target, back in restores:
-            if isinstance(back, HostFailed):
-                exc.args = (f"{exc}; and restoring failed on {back}",)
+        put_back(conf, activated, served, exc)
         raise
     return [t["name"] for t in moving]
+
+
+def put_back(conf: dict, targets: list[dict], served: dict[str, str], exc: HostFailed) -> None:
+    """Every target in `targets` back on what it served (all at once); name any that would not go."""
+    for _target, back in on_each(targets, lambda t: run_on(conf, t, "activate", served[t["name"]])):
+        if isinstance(back, HostFailed):
+            exc.args = (f"{exc}; and restoring failed on {back}",)
+
+
+def change_plan(
+    conf: dict, plan: list[tuple[str, list[str] | None]], served: dict[str, str]
+) -> dict[str, str]:
+    """change_fleet for each (version, hosts) of `plan` in turn, all or nothing across them (a sync
+    during a canary: the stable release on some hosts, the canary on the others); what moved."""
+    moved: dict[str, str] = {}
+    try:
+        for version, hosts in plan:
+            moved |= dict.fromkeys(
+                change_fleet(conf, version, ensure_stored(conf, version), served, hosts), version
+            )
+    except HostFailed as exc:
+        put_back(conf, [t for t in conf["targets"] if t["name"] in moved], served, exc)
+        raise
+    return moved
+
+
+def tidy(conf: dict, state: dict) -> None:
+    """Targets and store down to `keep` releases (the canary's kept while it runs)."""
+    prune_targets(conf)
+    prune_store(conf, state)
 
 
 def prune_targets(conf: dict) -> None:
@@ -531,26 +577,148 @@ def _ref(name: str) -> str:
     return res.stdout.strip() or ZERO
 
 
-def deploy(conf: dict, release: Path, meta: dict, commit: str) -> None:
+def deploy(conf: dict, release: Path, meta: dict, commit: str, canary: list[str] | None = None) -> None:
+    """Serve the release everywhere, or (a canary) install it everywhere and serve it on `canary`."""
     version = meta["version"]
     served = precheck(conf)
-    adopted_state(conf)  # the release served before is recorded (and stored) to roll back to
+    state = adopted_state(conf)  # the release served before is recorded (and stored) to roll back to
     stored = ensure_stored(conf, version, release)
     t0 = time.monotonic()
     try:
-        change_fleet(conf, version, stored, served)
+        for target in conf["targets"] if canary else []:  # so a promotion is activations only
+            if target["name"] not in canary:
+                ship(conf, target, stored, version)
+        change_fleet(conf, version, stored, served, canary)
     except HostFailed as exc:
         log(conf, f"FAILED {version} {commit[:12]}: {exc}")
-        raise Refused(f"deploy of {version} FAILED on {exc}; {restored(conf, served)}") from None
+        what = "canary" if canary else "deploy"
+        raise Refused(f"{what} of {version} FAILED on {exc}; {restored(conf, served)}") from None
     took = time.monotonic() - t0
+    if canary:
+        start_canary(conf, state, meta, commit, canary, took)
+        return
     state = write_state(conf, version, "deploy", commit)
-    prune_targets(conf)
-    prune_store(conf, state)
+    tidy(conf, state)
     log(conf, f"deployed {version} {commit[:12]}")
     say(
         f"deployed {version} to {len(conf['targets'])} host(s); each confirmed it serves it "
         f"after {took:.1f} s"
     )
+
+
+# --- canary releases -------------------------------------------------------------------------
+
+
+def push_options() -> dict[str, str]:
+    """`git push -o key=value` options (the repository advertises them: receive.advertisePushOptions)."""
+    count = int(os.environ.get("GIT_PUSH_OPTION_COUNT") or 0)
+    pairs = (os.environ.get(f"GIT_PUSH_OPTION_{i}", "").partition("=") for i in range(count))
+    return {key: value for key, _, value in pairs}
+
+
+def canary_hosts(conf: dict, options: dict[str, str]) -> list[str] | None:
+    """The targets a `-o canary=N` push serves on: ceil(N% of them), at least one, never all."""
+    unknown = sorted(set(options) - {"canary"})
+    if unknown:
+        raise Refused(f"unknown push option {', '.join(unknown)} (production knows canary=N)")
+    if "canary" not in options:
+        return None
+    value = options["canary"]
+    if not value.isdigit() or not 1 <= int(value) <= 99:
+        raise Refused(f"canary={value}: give the share of workers in percent, 1 to 99")
+    names = [t["name"] for t in conf["targets"]]
+    count = (len(names) * int(value) + 99) // 100
+    if count >= len(names):
+        most = 100 * (len(names) - 1) // len(names)
+        hint = f"at most canary={most}" if most else "a canary needs at least 2 workers"
+        raise Refused(f"canary={value} of {len(names)} worker(s) is all of them; {hint}")
+    return names[-count:]  # the repository host (first) stays on the stable release
+
+
+def end_commands(conf: dict) -> str:
+    repo = next((t["name"] for t in conf["targets"] if t["local"]), "the repository host")
+    return (
+        f"`modelserve-canary promote` or `abort` on {repo}, "
+        "or `ansible-playbook playbooks/canary.yml -e action=promote|abort`"
+    )
+
+
+def describe_canary(state: dict) -> str:
+    c = state["canary"]
+    return (
+        f"canary {c['version']} ({c['percent']}%) runs on {', '.join(c['hosts'])} since {c['since']}, "
+        f"the others serve the stable {state['desired']}"
+    )
+
+
+def refuse_during_canary(conf: dict, what: str, first: str = "end it first") -> None:
+    state = read_state(conf)
+    if state and state.get("canary"):
+        raise Refused(f"{what} while {describe_canary(state)}; {first}: {end_commands(conf)}")
+
+
+def start_canary(conf: dict, state: dict, meta: dict, commit: str, hosts: list[str], took: float) -> None:
+    version = meta["version"]
+    state["canary"] = {
+        "version": version,
+        "hosts": hosts,
+        "percent": int(push_options()["canary"]),
+        "commit": commit,
+        "since": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    save_state(conf, state)
+    log(conf, f"canary {version} {commit[:12]} on {', '.join(hosts)}")
+    say(
+        f"canary {version} installed on {len(conf['targets'])} host(s), served by {', '.join(hosts)} "
+        f"(each confirmed it after {took:.1f} s); the others keep serving {state['desired']}"
+    )
+    say(f"end it with {end_commands(conf)}")
+
+
+def end_canary(conf: dict, action: str) -> tuple[str, str]:
+    """promote: serve the canary on every target and record it; abort: its hosts back to stable."""
+    with change_lock(conf, f"canary {action}"):
+        state = adopted_state(conf)
+        canary = state.get("canary")
+        if not canary:
+            raise Refused(f"no canary is running; production serves {state['desired']}")
+        served = precheck(conf)
+        stable = state["desired"]
+        version, hosts = (canary["version"], None) if action == "promote" else (stable, canary["hosts"])
+        try:
+            change_fleet(conf, version, ensure_stored(conf, version), served, hosts)
+        except HostFailed as exc:
+            raise Refused(f"{action} FAILED on {exc}; {restored(conf, served)}") from None
+        if action == "promote":
+            state = write_state(conf, version, "promote", canary["commit"])
+        else:
+            del state["canary"]
+            save_state(conf, state)
+        tidy(conf, state)
+    if action == "promote":
+        return (
+            f"promoted canary {version} (stable was {stable})",
+            f"promoted {version}: every one of {len(conf['targets'])} host(s) confirmed it serves it",
+        )
+    return (
+        f"aborted canary {canary['version']}, {', '.join(hosts)} back on {stable}",
+        f"aborted canary {canary['version']}: {', '.join(hosts)} serve {stable} again, like the others",
+    )
+
+
+def canary_status(conf: dict) -> int:
+    state = read_state(conf)
+    if not state or not state.get("canary"):
+        say(f"no canary is running; production serves {desired_version(conf)}")
+        return 0
+    say(describe_canary(state))
+    for target in conf["targets"]:
+        try:
+            say(f"  {target['name']} serves {run_on(conf, target, 'current')}")
+        except HostFailed as exc:
+            say(f"  {exc}")
+    say(f"end it with {end_commands(conf)}")
+    return 0
 
 
 def pre_receive(conf: dict, lines: list[str]) -> int:
@@ -570,17 +738,20 @@ def pre_receive(conf: dict, lines: list[str]) -> int:
                     f"{deploy_ref} moved to {now[:12]} while this push waited (production serves "
                     f"{desired_version(conf)}); fetch, rebase on it and push again"
                 )
+            canary = canary_hosts(conf, push_options())
+            refuse_during_canary(conf, "a canary push" if canary else "a push to " + conf["branch"])
             with staging_dir(conf) as tmp:
                 release = export_release(new, conf["release_path"], tmp)
                 meta = check_release(conf, release)
                 t0 = time.monotonic()
                 m = gate(conf, release, meta)
+                to = f"a canary on {', '.join(canary)}" if canary else f"{len(conf['targets'])} host(s)"
                 say(
                     f"release {meta['version']} passed the gate (measured on {m['rows']} rows: accuracy "
                     f"{m['accuracy']:.4f}, AUC {m['auc']:.4f}; {time.monotonic() - t0:.1f} s), "
-                    f"deploying to {len(conf['targets'])} host(s)"
+                    f"deploying to {to}"
                 )
-                deploy(conf, release, meta, new)
+                deploy(conf, release, meta, new, canary)
             hold_until_push_ends(conf, lock)
     except Refused as exc:
         say(f"REJECTED: {exc}")
@@ -598,64 +769,93 @@ def post_receive(conf: dict, lines: list[str]) -> int:
     return 0
 
 
-def serve_desired(conf: dict, action: str, version: str | None = None) -> int:
+def sync_plan(state: dict, served: dict[str, str]) -> list[tuple[str, list[str] | None]]:
+    """The desired release everywhere; during a canary its hosts keep it and every other target (a
+    new one too) gets the stable release. Never a target back past what production recorded."""
+    version = state["desired"]
+    canary = state.get("canary") or {"version": None, "hosts": []}
+    ahead = [
+        f"{name} serves {v}"
+        for name, v in served.items()
+        if v not in (*state["history"], canary["version"]) and version_key(v) > version_key(version)
+    ]
+    if ahead:
+        raise Refused(f"{'; '.join(ahead)}, newer than the desired {version} and never recorded")
+    if not canary["hosts"]:
+        return [(version, None)]
+    return [(version, [n for n in served if n not in canary["hosts"]]), (canary["version"], canary["hosts"])]
+
+
+def serve_desired(conf: dict, action: str, version: str | None = None) -> tuple[str | None, str]:
     """Rollback (to `version`, default the one served before) or sync (to the desired release)."""
-    try:
-        what = f"rollback to {version or 'the release served before'}"
-        with change_lock(conf, what if action == "rollback" else "site.yml release sync"):
-            state = adopted_state(conf)
-            current = state["desired"]
-            if action == "rollback":
-                version = version or previous_version(state)
-                if not version:
-                    raise Refused(f"no release before {current} is recorded")
-            version = version or current
-            served = precheck(conf)
-            # A sync never moves a target back past what production recorded (a rollback may).
-            ahead = [
-                f"{name} serves {v}"
-                for name, v in served.items()
-                if action == "sync" and v not in state["history"] and version_key(v) > version_key(version)
-            ]
-            if ahead:
-                raise Refused(f"{'; '.join(ahead)}, newer than the desired {version} and never recorded")
-            stored = ensure_stored(conf, version)
-            try:
-                moved = change_fleet(conf, version, stored, served)
-            except HostFailed as exc:
-                raise Refused(f"{action} to {version} FAILED on {exc}; {restored(conf, served)}") from None
-            if version != current or action == "rollback":
-                state = write_state(conf, version, action)
-            prune_targets(conf)  # git_deploy_releases_keep, also on a worker that just joined
-            prune_store(conf, state)
-    except Refused as exc:
-        say(f"{action.upper()} REFUSED: {exc}")
-        return 1
+    what = f"rollback to {version or 'the release served before'}"
+    with change_lock(conf, what if action == "rollback" else "site.yml release sync"):
+        state = adopted_state(conf)
+        current = state["desired"]
+        if action == "rollback":
+            refuse_during_canary(conf, "a rollback", "abort it first")
+            version = version or previous_version(state)
+            if not version:
+                raise Refused(f"no release before {current} is recorded")
+        version = version or current
+        served = precheck(conf)
+        plan = sync_plan(state, served) if action == "sync" else [(version, None)]
+        try:
+            moved = change_plan(conf, plan, served)
+        except HostFailed as exc:
+            raise Refused(f"{action} to {version} FAILED on {exc}; {restored(conf, served)}") from None
+        if action == "rollback":
+            state = write_state(conf, version, action)
+        tidy(conf, state)  # git_deploy_releases_keep, also on a worker that just joined
     if action == "rollback":
-        log(conf, f"rolled back {current} -> {version}")
-        say(f"rolled back from {current} to {version} on {len(conf['targets'])} host(s)")
-    elif moved:
-        log(conf, f"synced {version} to {', '.join(moved)}")
-        say(f"{', '.join(moved)} now serve {version}, the desired release")
-    else:
-        say(f"every target serves {version}, the desired release")
+        return (
+            f"rolled back {current} -> {version}",
+            f"rolled back from {current} to {version} on {len(conf['targets'])} host(s)",
+        )
+    if not moved:
+        return None, f"every target serves {version}, the desired release"
+    what = {v: "the canary" for v, _ in plan[1:]} | {version: "the desired release"}
+    now = "; ".join(
+        f"{', '.join(n for n in moved if moved[n] == v)} now serve {v}, {what[v]}"
+        for v in dict.fromkeys(moved.values())
+    )
+    return f"synced: {now}", now
+
+
+def reported(conf: dict, label: str, change: Callable[[], tuple[str | None, str]]) -> int:
+    """Run a change command: log and say its outcome, or say why it was refused (exit status 1)."""
+    try:
+        logged, outcome = change()
+    except Refused as exc:
+        say(f"{label} REFUSED: {exc}")
+        return 1
+    if logged:
+        log(conf, logged)
+    say(outcome)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    usage = "usage: deploy_hook.py pre-receive|post-receive|rollback [X.Y.Z]|sync"
-    if not argv or argv[0] not in ("pre-receive", "post-receive", "rollback", "sync"):
+    usage = "usage: deploy_hook.py pre-receive|post-receive|rollback [X.Y.Z]|sync|canary promote|abort|status"
+    if not argv or argv[0] not in ("pre-receive", "post-receive", "rollback", "sync", "canary"):
         print(usage, file=sys.stderr)
         return 2
     conf = load_config()
     try:
+        if argv[0] == "canary":
+            if argv[1:] == ["status"]:
+                return canary_status(conf)
+            if argv[1:] not in (["promote"], ["abort"]):
+                print(usage, file=sys.stderr)
+                return 2
+            return reported(conf, f"CANARY {argv[1].upper()}", lambda: end_canary(conf, argv[1]))
         if argv[0] in ("rollback", "sync"):
             version = argv[1] if len(argv) > 1 and argv[1] else None
             if version and (argv[0] == "sync" or not SEMVER.match(version)):
                 print(usage, file=sys.stderr)
                 return 2
-            return serve_desired(conf, argv[0], version)
+            return reported(conf, argv[0].upper(), lambda: serve_desired(conf, argv[0], version))
         lines = [ln for ln in sys.stdin.read().splitlines() if ln.strip()]
         return pre_receive(conf, lines) if argv[0] == "pre-receive" else post_receive(conf, lines)
     finally:
