@@ -289,19 +289,25 @@ def test_of_two_concurrent_pushes_the_second_waits_then_is_refused_with_the_reas
         " && git commit -qam 'release 1.4.0'"
     )
     assert out.rc == 0, out.stdout + out.stderr
+    # The first deploy is paused as soon as it holds the lock (a deploy takes ~2 s: too short to
+    # race from here), by a watcher on the repository host, and resumed once the second push has
+    # said it waits.
+    w1 = host("gd-worker1")
+    hook = "pkill -{} -f '[d]eploy_hook.py pre-receive'"  # [d]: never the shell running pkill
+    watcher = (
+        f"rm -f /tmp/paused; for i in $(seq 600); do grep -qs {first_sha[:12]} {STATE}/lock.info"
+        f" && {hook.format('STOP')} && echo paused > /tmp/paused && exit 0; sleep 0.05; done"
+    )
+    assert w1.run(f"setsid -f sh -c {shlex.quote(watcher)}").rc == 0
     assert dev("setsid -f sh -c 'git push production HEAD:main > /tmp/first-push.log 2>&1'").rc == 0
-    info = host("gd-worker1").file(f"{STATE}/lock.info")
-    for _ in range(100):  # the first push holds the change lock (at most 20 s)
-        if info.exists and first_sha[:12] in info.content_string:
+    log = "/tmp/second-push.log"
+    for _ in range(150):
+        if w1.file("/tmp/paused").exists:
             break
         time.sleep(0.2)
     else:
-        pytest.fail("the first push never took the change lock")
-    # The first deploy is paused while it holds the lock (a deploy takes ~2 s: too short to race),
-    # and resumed once the second push has said it waits.
-    hook = "pkill -{} -f '[d]eploy_hook.py pre-receive'"  # [d]: never this shell itself
-    log = "/tmp/second-push.log"
-    assert host("gd-worker1").run(hook.format("STOP")).rc == 0
+        w1.run(hook.format("CONT"))
+        pytest.fail("the first push was never seen holding the change lock")
     try:
         second_push = f"git push production HEAD:main > {log} 2>&1; echo rc=$? >> {log}"
         assert dev(f"cd {second} && setsid -f sh -c '{second_push}'").rc == 0
