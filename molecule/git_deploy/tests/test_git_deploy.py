@@ -527,3 +527,20 @@ def test_releases_are_read_only_to_the_serving_services():
         current = host(w).file("/srv/modelserve/current").linked_to
         assert host(w).file(f"{current}/model.tflite").mode == 0o444
         assert host(w).file(current).mode == 0o555
+
+
+def test_site_yml_after_the_deploys_changes_nothing():
+    # By now the workers pruned the seed release (git_deploy_releases_keep): a re-run must neither
+    # copy it back nor move any release.
+    assert not host("gd-worker2").file("/srv/modelserve/releases/1.0.0").exists
+    inventory = str(Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent)
+    res = subprocess.run(
+        ["ansible-playbook", "-i", inventory, str(ROOT / "site.yml")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert res.returncode == 0, res.stdout[-3000:]
+    recap = [line for line in res.stdout.splitlines() if " : ok=" in line]
+    assert recap and all(" changed=0 " in line for line in recap), "\n".join(recap)
