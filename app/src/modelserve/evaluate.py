@@ -13,7 +13,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from modelserve.features import N_FEATURES
-from modelserve.release import read_metadata, validate_release
+from modelserve.release import validate_release
 from modelserve.wire import DEFAULT_THRESHOLD
 
 
@@ -53,8 +53,8 @@ def measure(release_dir: Path, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     """Accuracy (at the release's threshold) and AUC of a valid release's model.tflite on (x, y)."""
     from modelserve.litert import TFLiteModel
 
-    validate_release(release_dir, load=False)  # checksums: the measured file is the listed one
-    threshold = float(read_metadata(release_dir).get("threshold", DEFAULT_THRESHOLD))
+    meta = validate_release(release_dir, load=False)  # checksums: the measured file is the listed one
+    threshold = float(meta.get("threshold", DEFAULT_THRESHOLD))
     try:
         probs = np.asarray(TFLiteModel(Path(release_dir) / "model.tflite").predict(x), dtype=np.float64)
     except Exception as exc:  # whatever a broken or hostile file makes LiteRT raise

@@ -106,7 +106,7 @@ def served_version(conf: dict) -> str | None:
 
 
 def check_release(conf: dict, release: Path) -> dict:
-    """Size, structure, checksums, a loadable model and a higher version; metrics come later (gate)."""
+    """Size, structure, checksums and a higher version; loading and metrics come later (gate)."""
     size = sum(p.stat().st_size for p in release.rglob("*") if p.is_file())
     limit = int(conf["max_release_bytes"])
     if size > limit:
@@ -585,9 +585,9 @@ def deploy(conf: dict, release: Path, meta: dict, commit: str, canary: list[str]
     stored = ensure_stored(conf, version, release)
     t0 = time.monotonic()
     try:
-        for target in conf["targets"] if canary else []:  # so a promotion is activations only
-            if target["name"] not in canary:
-                ship(conf, target, stored, version)
+        if canary:  # installed on the other targets too, so a promotion is activations only
+            others = [t for t in conf["targets"] if t["name"] not in canary]
+            first_failure(on_each(others, lambda t: ship(conf, t, stored, version)))
         change_fleet(conf, version, stored, served, canary)
     except HostFailed as exc:
         log(conf, f"FAILED {version} {commit[:12]}: {exc}")
@@ -712,11 +712,8 @@ def canary_status(conf: dict) -> int:
         say(f"no canary is running; production serves {desired_version(conf)}")
         return 0
     say(describe_canary(state))
-    for target in conf["targets"]:
-        try:
-            say(f"  {target['name']} serves {run_on(conf, target, 'current')}")
-        except HostFailed as exc:
-            say(f"  {exc}")
+    for target, result in on_each(conf["targets"], lambda t: run_on(conf, t, "current")):
+        say(f"  {result}" if isinstance(result, HostFailed) else f"  {target['name']} serves {result}")
     say(f"end it with {end_commands(conf)}")
     return 0
 
