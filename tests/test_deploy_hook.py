@@ -34,9 +34,9 @@ def git(*args, cwd):
     return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=False)
 
 
-@pytest.fixture
-def prod(tmp_path):
+def make_stage(tmp_path: Path, environment: str = "production", promote_from: str = "") -> tuple[Path, Path]:
     """A bare repository with the hook, a model dir serving the seed release, and a work tree."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     model_dir = tmp_path / "srv"
     (model_dir / "releases").mkdir(parents=True)
     shutil.copytree(SEED, model_dir / "releases" / "1.0.0")
@@ -63,6 +63,9 @@ def prod(tmp_path):
         "log": str(tmp_path / "deploy.log"),
         "state_dir": str(tmp_path / "state"),
         "lock_timeout": 2,
+        "environment": environment,
+        "promote_from": promote_from,
+        "promote_soak": 0,
         "targets": [{"name": "here", "address": "127.0.0.1", "user": "deploy", "local": True}],
     }
     (tmp_path / "state").mkdir()
@@ -81,6 +84,12 @@ def prod(tmp_path):
         ("remote", "add", "production", str(bare)),
     ):
         assert git(*args, cwd=work).returncode == 0
+    return work, bare
+
+
+@pytest.fixture
+def prod(tmp_path):
+    work, bare = make_stage(tmp_path)
     os.environ["MODELSERVE_DEPLOY_CONFIG"] = str(tmp_path / "deploy.json")
     yield work, bare
     os.environ.pop("MODELSERVE_DEPLOY_CONFIG", None)
@@ -102,8 +111,12 @@ def state(bare: Path) -> dict:
     return json.loads((bare.parent / "state" / "state.json").read_text())
 
 
-def hook(*args):
-    return subprocess.run([sys.executable, str(HOOK), *args], capture_output=True, text=True, check=False)
+def hook(*args, bare: Path | None = None):
+    """Run a hook command; with `bare`, as that stage's (its own configuration)."""
+    env = {**os.environ, "MODELSERVE_DEPLOY_CONFIG": str(bare.parent / "deploy.json")} if bare else None
+    return subprocess.run(
+        [sys.executable, str(HOOK), *args], capture_output=True, text=True, check=False, env=env
+    )
 
 
 def release(work: Path, version: str, **metrics) -> None:
@@ -576,3 +589,144 @@ def test_sync_during_a_canary_keeps_it_on_its_hosts_and_gives_the_others_the_sta
     assert state(bare)["canary"]["hosts"] == ["there"]
     assert hook("canary", "abort").returncode == 0
     assert [serving_on(bare, n) for n in ("here", "there", "new")] == ["1.1.0"] * 3
+
+
+# --- staged promotion: svt attests what it serves, prod takes exactly those bytes ---------------
+
+
+@pytest.fixture
+def stages(tmp_path):
+    """Two environments side by side: svt takes pushes, prod takes only what svt served."""
+    svt_work, svt = make_stage(tmp_path / "svt", "svt")
+    _, prod_bare = make_stage(tmp_path / "prod", "prod", promote_from="svt")
+    os.environ["MODELSERVE_DEPLOY_CONFIG"] = str(svt.parent / "deploy.json")  # pushes go to svt
+    yield svt_work, svt, prod_bare
+    os.environ.pop("MODELSERVE_DEPLOY_CONFIG", None)
+
+
+def attest(svt: Path, *version: str):
+    res = hook("attest", *version, bare=svt)
+    outbox = svt.parent / "state" / "outbox"
+    return res, outbox / "attestation.json", outbox / "release.tar"
+
+
+def promote(prod_bare: Path, attestation: Path, archive: Path):
+    return hook("promote", str(attestation), str(archive), bare=prod_bare)
+
+
+def test_a_stage_with_an_earlier_one_refuses_pushes_naming_it(stages):
+    work, _svt, prod_bare = stages
+    release(work, "1.1.0")
+    env = {**os.environ, "MODELSERVE_DEPLOY_CONFIG": str(prod_bare.parent / "deploy.json")}
+    res = subprocess.run(
+        ["git", "push", str(prod_bare), "HEAD:main"], cwd=work, capture_output=True, text=True, env=env
+    )
+    assert res.returncode != 0
+    assert "prod takes releases only promoted from svt" in res.stderr, res.stderr
+    assert "playbooks/promote.yml -i inventories/prod -e from=svt" in res.stderr
+    assert serving(prod_bare) == "1.0.0" and not branch_exists(prod_bare)
+
+
+def test_a_release_svt_serves_after_its_gate_reaches_prod_as_the_same_bytes(stages):
+    work, svt, prod_bare = stages
+    release(work, "1.1.0")
+    assert push(work).returncode == 0
+    res, attestation, archive = attest(svt)
+    assert res.returncode == 0, res.stdout + res.stderr
+    claim = json.loads(attestation.read_text())
+    assert claim["environment"] == "svt" and claim["version"] == "1.1.0"
+    assert claim["gate"]["rows"] > 0 and claim["workers"] == ["here"]
+    res = promote(prod_bare, attestation, archive)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "prod serves 1.1.0, promoted from svt" in res.stdout
+    assert serving(prod_bare) == "1.1.0"
+    digests = {hook_digest(bare.parent / "state" / "releases" / "1.1.0") for bare in (svt, prod_bare)} | {
+        hook_digest(prod_bare.parent / "srv" / "releases" / "1.1.0"),
+        claim["digest"],
+    }
+    assert len(digests) == 1, digests
+    record = state(prod_bare)["records"]["1.1.0"]
+    assert record["promoted_from"]["environment"] == "svt" and record["digest"] == claim["digest"]
+    assert record["gate"]["rows"] > 0  # prod's own gate measured it too
+    again = promote(prod_bare, *attest(svt)[1:])  # a re-run changes nothing
+    assert again.returncode == 0 and "prod already serves 1.1.0" in again.stdout, again.stdout
+
+
+def hook_digest(release_dir: Path) -> str:
+    res = subprocess.run(
+        [str(Path(sys.executable).parent / "modelserve-release"), "digest", str(release_dir)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return res.stdout.split()[0]
+
+
+@pytest.mark.parametrize(
+    ("version", "why"),
+    [
+        ("9.9.9", "stage svt does not serve 9.9.9; it serves 1.1.0"),
+        ("1.0.0", "stage svt does not serve 1.0.0 (it did before); it serves 1.1.0"),
+    ],
+)
+def test_a_release_svt_does_not_serve_is_refused_naming_the_stage(stages, version, why):
+    work, svt, prod_bare = stages
+    release(work, "1.1.0")
+    assert push(work).returncode == 0
+    res, attestation, _ = attest(svt, version)
+    assert res.returncode == 1 and why in res.stdout, res.stdout
+    assert not attestation.exists() and serving(prod_bare) == "1.0.0"
+
+
+def test_the_seed_svt_never_gated_is_not_attested(stages):
+    _work, svt, _prod = stages
+    res, attestation, _ = attest(svt)
+    assert res.returncode == 1 and "stage svt has no release record: nothing was ever deployed" in res.stdout
+    assert not attestation.exists()
+
+
+def test_a_promotion_is_refused_before_svt_served_it_long_enough(stages):
+    work, svt, prod_bare = stages
+    reconfigure(prod_bare, promote_soak=3600)
+    release(work, "1.1.0")
+    assert push(work).returncode == 0
+    res = promote(prod_bare, *attest(svt)[1:])
+    assert res.returncode == 1
+    assert "stage svt has served 1.1.0 for" in res.stdout
+    assert "prod takes a release after 3600 s" in res.stdout
+    assert serving(prod_bare) == "1.0.0"
+
+
+def test_other_bytes_than_svt_served_are_refused(stages, tmp_path):
+    work, svt, prod_bare = stages
+    release(work, "1.1.0")
+    assert push(work).returncode == 0
+    _, attestation, archive = attest(svt)
+    forged = tmp_path / "forged"
+    shutil.unpack_archive(archive, forged, "tar")
+    meta = forged / "release" / "metadata.json"
+    meta.chmod(0o644)
+    meta.write_text(meta.read_text().replace('"heldout_accuracy"', '"heldout_accuracy" ', 1))
+    shutil.make_archive(str(tmp_path / "forged"), "tar", forged)
+    res = promote(prod_bare, attestation, tmp_path / "forged.tar")
+    assert res.returncode == 1 and "not the bytes stage svt served" in res.stdout, res.stdout
+    assert serving(prod_bare) == "1.0.0"
+    assert "1.1.0" not in os.listdir(prod_bare.parent / "state" / "releases")
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"environment": "dev"}, "prod takes releases only from stage svt; this one comes from dev"),
+        ({"attested_at": "2020-01-01T00:00:00+00:00"}, "old; attest again"),
+    ],
+)
+def test_an_attestation_from_another_stage_or_too_old_is_refused(stages, change, why):
+    work, svt, prod_bare = stages
+    release(work, "1.1.0")
+    assert push(work).returncode == 0
+    _, attestation, archive = attest(svt)
+    attestation.write_text(json.dumps({**json.loads(attestation.read_text()), **change}))
+    res = promote(prod_bare, attestation, archive)
+    assert res.returncode == 1 and why in res.stdout, res.stdout
+    assert serving(prod_bare) == "1.0.0"

@@ -41,6 +41,16 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def release_digest(release_dir: Path) -> str:
+    """One checksum of a release's bytes: every file's path and sha256, in order. Two environments
+    serve the same release exactly when their digests are equal."""
+    release_dir = Path(release_dir)
+    manifest = hashlib.sha256()
+    for path in sorted(p for p in release_dir.rglob("*") if p.is_file()):
+        manifest.update(f"{path.relative_to(release_dir).as_posix()}\0{sha256_file(path)}\n".encode())
+    return "sha256:" + manifest.hexdigest()
+
+
 def version_key(version: str) -> tuple:
     match = SEMVER.match(version)
     if not match:
@@ -278,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("install", help="validate a release dir and copy it into releases/<version>")
     p.add_argument("release_dir")
     p.add_argument("--activate", action="store_true")
+    p = sub.add_parser("digest", help="print one checksum of a release's bytes (compare environments)")
+    p.add_argument("release", help="a release directory, or a version installed here")
     p = sub.add_parser(
         "evaluate", help="measure accuracy and AUC of releases on labelled rows; print JSON (the gate)"
     )
@@ -323,6 +335,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "install":
             version = install(model_dir, Path(args.release_dir), do_activate=args.activate)
             print(f"installed {version}{' and activated' if args.activate else ''}")
+        elif args.command == "digest":
+            path = Path(args.release)
+            path = path if path.is_dir() else releases_dir(model_dir) / args.release
+            if not path.is_dir():
+                raise ReleaseError(f"{args.release}: no such release directory or installed version")
+            print(f"{release_digest(path)}  {path.name}")
         elif args.command == "evaluate":
             return _evaluate(args)
     except ReleaseError as exc:

@@ -544,3 +544,91 @@ def test_site_yml_after_the_deploys_changes_nothing():
     assert res.returncode == 0, res.stdout[-3000:]
     recap = [line for line in res.stdout.splitlines() if " : ok=" in line]
     assert recap and all(" changed=0 " in line for line in recap), "\n".join(recap)
+
+
+# --- staged promotion: this scenario's environment is `svt`; prod-stage/ is a `prod` beside it ----
+
+SCENARIO = Path(__file__).resolve().parents[1]
+PROD_INVENTORY = str(SCENARIO / "prod-stage")
+APP_CLI = "/opt/modelserve/venv/bin/modelserve-release --model-dir /srv/modelserve"
+
+
+def run(*cmd, timeout=900):
+    return subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def promote(*args):
+    """playbooks/promote.yml against prod, taking the release from this scenario's inventory."""
+    svt = str(Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent)
+    book = str(ROOT / "playbooks" / "promote.yml")
+    return run("ansible-playbook", "-v", "-i", PROD_INVENTORY, book, "-e", f"from={svt}", *args)
+
+
+def prod_host():
+    return testinfra.get_host("docker://gd-prod")
+
+
+@pytest.fixture(scope="module")
+def prod_url():
+    """The prod environment: its container started and configured by site.yml, removed at the end."""
+    stage = str(SCENARIO / "prod-stage.yml")
+    res = run("ansible-playbook", stage, "-e", "stage_state=present")
+    assert res.returncode == 0, res.stdout[-3000:]
+    try:
+        res = run("ansible-playbook", "-i", PROD_INVENTORY, str(ROOT / "site.yml"), timeout=1500)
+        assert res.returncode == 0, res.stdout[-3000:]
+        yield f"http://{prod_host().interface('eth0').addresses[0]}:8080"
+    finally:
+        run("ansible-playbook", stage, "-e", "stage_state=absent")
+
+
+def test_a_push_to_prod_is_refused_naming_the_stage_it_takes_releases_from(prod_url):
+    out = prod_host().run(
+        'runuser -u deploy -- sh -c \'cd "$(mktemp -d)" && git init -q && '
+        "git -c user.name=t -c user.email=t@example.invalid commit -q --allow-empty -m x && "
+        "git push /srv/git/models.git HEAD:main 2>&1'"
+    )
+    assert out.rc != 0, out.stdout
+    assert "prod takes releases only promoted from svt" in out.stdout, out.stdout
+    assert "playbooks/promote.yml -i inventories/prod -e from=svt" in out.stdout
+    assert served(prod_url) == "1.0.0"
+
+
+def test_a_promotion_of_a_release_svt_never_served_is_refused(prod_url):
+    res = promote("-e", "version=1.6.0")  # svt had it as a canary only, aborted
+    assert res.returncode != 0
+    assert "stage svt does not serve 1.6.0; it serves 1.5.0" in res.stdout, res.stdout[-3000:]
+    assert served(prod_url) == "1.0.0"
+
+
+def test_prod_takes_what_svt_served_long_enough_as_the_same_bytes_under_load(prod_url, capsys):
+    commit_release("1.7.0")
+    out = push()
+    assert out.rc == 0, out.stdout
+    pushed = time.monotonic()
+    res = promote()  # svt has served it for seconds; prod asks 60
+    assert res.returncode != 0
+    assert "stage svt has served 1.7.0 for" in res.stdout, res.stdout[-3000:]
+    assert "prod takes a release after 60 s" in res.stdout
+    assert served(prod_url) == "1.0.0"
+    time.sleep(max(0.0, pushed + 62 - time.monotonic()))
+    with Load(prod_url) as load:
+        res = promote()
+        time.sleep(2)
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert "prod serves 1.7.0, promoted from svt" in res.stdout
+    report(capsys, "promotion svt -> prod", load)
+    assert load.sent > 20 and not load.failures, load.failures[:5]
+    assert served(prod_url) == "1.7.0" and load.versions["1.7.0"] > 0
+    digests = {
+        name: h.run(f"{APP_CLI} digest 1.7.0").stdout.split()[0]
+        for name, h in (("gd-prod", prod_host()), *((w, host(w)) for w in WORKERS))
+    }
+    assert len(set(digests.values())) == 1, digests
+    record = json.loads(prod_host().file(f"{STATE}/state.json").content_string)["records"]["1.7.0"]
+    assert record["digest"] == digests["gd-prod"] and record["promoted_from"]["environment"] == "svt"
+    again = promote()  # nothing to do: the same bytes are served
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert "prod already serves 1.7.0" in again.stdout
+    recap = [line for line in again.stdout.splitlines() if " : ok=" in line]
+    assert recap and all(" changed=0 " in line for line in recap), "\n".join(recap)

@@ -11,6 +11,12 @@ release checks are used):
     deploy_hook.py canary promote|abort|status
                                       end a canary (`git push -o canary=N`): serve it everywhere, or
                                       put its hosts back on the stable release; or say what runs
+    deploy_hook.py attest [X.Y.Z]     attest the release this stage serves (its bytes and record) into
+                                      `state_dir`/outbox for a later stage (playbooks/promote.yml)
+    deploy_hook.py promote ATTESTATION ARCHIVE
+                                      serve what an earlier stage attested: its exact bytes (digest),
+                                      served there long enough, then this stage's own gate; all or
+                                      nothing like a push. With `promote_from` set, pushes are refused.
 
 A canary release is installed on every target but activated on ceil(N% of the targets) only (at
 least one, never all); the state records it beside the stable desired release until it ends.
@@ -41,7 +47,14 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from modelserve.release import SEMVER, ReleaseError, read_metadata, validate_release, version_key
+from modelserve.release import (
+    SEMVER,
+    ReleaseError,
+    read_metadata,
+    release_digest,
+    validate_release,
+    version_key,
+)
 
 CONFIG = Path(os.environ.get("MODELSERVE_DEPLOY_CONFIG", "/etc/modelserve-deploy/deploy.json"))
 ZERO = "0" * 40
@@ -85,17 +98,25 @@ def export_release(commit: str, path: str, dest: Path) -> Path:
         raise Refused(f"the pushed tree has no '{path}/' directory with a model release")
     tar_path = dest / "release.tar"
     tar_path.write_bytes(archive.stdout)
-    with tarfile.open(tar_path) as tar:
-        if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4
-            tar.extractall(dest / "tree", filter="data")
-        else:  # Debian 12's 3.11.2: plain files and directories only, nothing outside the tree
-            for member in tar.getmembers():
-                name = Path(member.name)
-                if name.is_absolute() or ".." in name.parts or not (member.isfile() or member.isdir()):
-                    raise Refused(f"the pushed tree has an unsafe entry: {member.name}")
-            tar.extractall(dest / "tree")  # noqa: S202 (members checked above)
+    unpack(tar_path, dest / "tree", "the pushed tree")
     tar_path.unlink()
     return dest / "tree" / path
+
+
+def unpack(tar_path: Path, dest: Path, what: str) -> None:
+    """Extract a tar archive: plain files and directories only, nothing outside `dest`."""
+    try:
+        with tarfile.open(tar_path) as tar:
+            if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4
+                tar.extractall(dest, filter="data")
+                return
+            for member in tar.getmembers():  # Debian 12's 3.11.2 has no filters
+                name = Path(member.name)
+                if name.is_absolute() or ".." in name.parts or not (member.isfile() or member.isdir()):
+                    raise Refused(f"{what} has an unsafe entry: {member.name}")
+            tar.extractall(dest)  # noqa: S202 (members checked above)
+    except (tarfile.TarError, OSError) as exc:
+        raise Refused(f"{what} cannot be unpacked: {exc}") from None
 
 
 def served_version(conf: dict) -> str | None:
@@ -206,7 +227,11 @@ def desired_version(conf: dict) -> str | None:
     return state["desired"] if state else served_version(conf)
 
 
-def write_state(conf: dict, version: str, action: str, commit: str | None = None) -> dict:
+def write_state(
+    conf: dict, version: str, action: str, commit: str | None = None, record: dict | None = None
+) -> dict:
+    """Record `version` as the desired release; `record` is what is known of it (its gate figures
+    here, the stage it was promoted from), kept per release while the history names it."""
     old = read_state(conf) or {"history": []}
     history = [version, *old["history"][: HISTORY_MAX - 1]]
     if len(history) > 1 and history[1] == version:
@@ -218,6 +243,10 @@ def write_state(conf: dict, version: str, action: str, commit: str | None = None
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
         "history": history,
     }
+    records = {v: r for v, r in old.get("records", {}).items() if v in history}
+    if record:
+        records[version] = record
+    state["records"] = records
     return save_state(conf, state)  # a new desired release ends any canary (promote)
 
 
@@ -577,7 +606,14 @@ def _ref(name: str) -> str:
     return res.stdout.strip() or ZERO
 
 
-def deploy(conf: dict, release: Path, meta: dict, commit: str, canary: list[str] | None = None) -> None:
+def deploy(
+    conf: dict,
+    release: Path,
+    meta: dict,
+    commit: str,
+    canary: list[str] | None = None,
+    record: dict | None = None,
+) -> None:
     """Serve the release everywhere, or (a canary) install it everywhere and serve it on `canary`."""
     version = meta["version"]
     served = precheck(conf)
@@ -595,9 +631,9 @@ def deploy(conf: dict, release: Path, meta: dict, commit: str, canary: list[str]
         raise Refused(f"{what} of {version} FAILED on {exc}; {restored(conf, served)}") from None
     took = time.monotonic() - t0
     if canary:
-        start_canary(conf, state, meta, commit, canary, took)
+        start_canary(conf, state, meta, commit, canary, took, record)
         return
-    state = write_state(conf, version, "deploy", commit)
+    state = write_state(conf, version, "deploy", commit, record)
     tidy(conf, state)
     log(conf, f"deployed {version} {commit[:12]}")
     say(
@@ -657,7 +693,9 @@ def refuse_during_canary(conf: dict, what: str, first: str = "end it first") -> 
         raise Refused(f"{what} while {describe_canary(state)}; {first}: {end_commands(conf)}")
 
 
-def start_canary(conf: dict, state: dict, meta: dict, commit: str, hosts: list[str], took: float) -> None:
+def start_canary(
+    conf: dict, state: dict, meta: dict, commit: str, hosts: list[str], took: float, record: dict | None
+) -> None:
     version = meta["version"]
     state["canary"] = {
         "version": version,
@@ -665,6 +703,7 @@ def start_canary(conf: dict, state: dict, meta: dict, commit: str, hosts: list[s
         "percent": int(push_options()["canary"]),
         "commit": commit,
         "since": datetime.now(UTC).isoformat(timespec="seconds"),
+        "record": record,
     }
     save_state(conf, state)
     log(conf, f"canary {version} {commit[:12]} on {', '.join(hosts)}")
@@ -690,7 +729,7 @@ def end_canary(conf: dict, action: str) -> tuple[str, str]:
         except HostFailed as exc:
             raise Refused(f"{action} FAILED on {exc}; {restored(conf, served)}") from None
         if action == "promote":
-            state = write_state(conf, version, "promote", canary["commit"])
+            state = write_state(conf, version, "promote", canary["commit"], canary.get("record"))
         else:
             del state["canary"]
             save_state(conf, state)
@@ -718,6 +757,134 @@ def canary_status(conf: dict) -> int:
     return 0
 
 
+# --- staged promotion: dev -> svt -> prod ------------------------------------------------------
+
+ATTESTATION_MAX_AGE = 900  # seconds: a promotion acts on what the earlier stage served just now
+
+
+def refuse_unpromoted(conf: dict) -> None:
+    """An environment with an earlier stage takes no pushes: only what that stage served."""
+    earlier = conf.get("promote_from")
+    if earlier:
+        env = conf["environment"]
+        raise Refused(
+            f"{env} takes releases only promoted from {earlier} (the same bytes {earlier} served and "
+            f"verified): push to {earlier}, and once it has served the release for "
+            f"{conf['promote_soak']} s run `ansible-playbook playbooks/promote.yml -i inventories/{env} "
+            f"-e from={earlier}`"
+        )
+
+
+def attest(conf: dict, version: str | None) -> tuple[None, str]:
+    """Write an attestation of the release this environment serves (and its bytes) to the outbox:
+    what a later stage's `promote` checks. Refused unless every target serves it after its gate."""
+    env = conf["environment"]
+    outbox = Path(conf["state_dir"]) / "outbox"
+    with change_lock(conf, "attestation for a promotion"):  # no change runs meanwhile
+        shutil.rmtree(outbox, ignore_errors=True)
+        state = read_state(conf)
+        if not state:
+            raise Refused(f"stage {env} has no release record: nothing was ever deployed there")
+        desired = state["desired"]
+        version = version or desired
+        canary = state.get("canary") or {}
+        if canary.get("version") == version:
+            raise Refused(f"stage {env} serves {version} only as a canary; promote the canary there first")
+        if version != desired:
+            before = " (it did before)" if version in state["history"] else ""
+            raise Refused(f"stage {env} does not serve {version}{before}; it serves {desired}")
+        record = state.get("records", {}).get(version) or {}
+        if "gate" not in record:
+            raise Refused(f"stage {env} serves {version} without having gated it ({state['action']})")
+        served = precheck(conf)
+        others = sorted(f"{name} serves {v}" for name, v in served.items() if v != version)
+        if others:
+            raise Refused(f"not every worker of stage {env} serves {version}: {'; '.join(others)}")
+        try:
+            if conf.get("api_url"):
+                wait_served(conf, version)  # and its front end answers with it
+        except HostFailed as exc:
+            raise Refused(f"stage {env} does not answer with {version}: {exc}") from None
+        stored = store(conf) / version
+        now = datetime.now(UTC)
+        attestation = {
+            "environment": env,
+            "version": version,
+            "commit": state.get("commit"),
+            "digest": release_digest(stored),
+            "gate": record["gate"],
+            "promoted_from": record.get("promoted_from"),
+            "served_since": state["at"],
+            "served_seconds": int((now - datetime.fromisoformat(state["at"])).total_seconds()),
+            "workers": sorted(served),
+            "attested_at": now.isoformat(timespec="seconds"),
+        }
+        outbox.mkdir(mode=0o700)
+        with tarfile.open(outbox / "release.tar", "w") as tar:
+            tar.add(stored, arcname="release")
+        (outbox / "attestation.json").write_text(json.dumps(attestation, indent=2) + "\n")
+    say(f"outbox: {outbox}")
+    return None, (
+        f"stage {env} attests {version} ({attestation['digest'][:19]}...): served by "
+        f"{len(served)} worker(s) for {attestation['served_seconds']} s since its gate passed"
+    )
+
+
+def check_attestation(conf: dict, a: dict) -> None:
+    """Refuse an attestation from the wrong stage, too fresh a release or too old a statement."""
+    env, earlier = conf["environment"], conf.get("promote_from")
+    source, version = a.get("environment"), a.get("version")
+    if earlier and source != earlier:
+        raise Refused(f"{env} takes releases only from stage {earlier}; this one comes from {source}")
+    age = (datetime.now(UTC) - datetime.fromisoformat(a["attested_at"])).total_seconds()
+    if age > ATTESTATION_MAX_AGE:
+        raise Refused(f"the attestation of {source} is {age:.0f} s old; attest again")
+    soak = int(conf["promote_soak"])
+    if int(a["served_seconds"]) < soak:
+        raise Refused(
+            f"stage {source} has served {version} for {a['served_seconds']} s; {env} takes a "
+            f"release after {soak} s there (in about {soak - int(a['served_seconds'])} s)"
+        )
+
+
+def promote(conf: dict, attestation: Path, archive: Path) -> tuple[str | None, str]:
+    """Serve a release an earlier stage attested, as exactly the bytes it served, after this
+    environment's own gate; all or nothing like a push."""
+    env = conf["environment"]
+    try:
+        a = json.loads(attestation.read_text())
+        source, version = a["environment"], a["version"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise Refused(f"the attestation is unreadable: {exc}") from None
+    check_attestation(conf, a)
+    with change_lock(conf, f"promotion of {version} from {source}"):
+        state = adopted_state(conf)
+        if state["desired"] == version and release_digest(store(conf) / version) == a["digest"]:
+            return None, f"{env} already serves {version}, the bytes {source} served"
+        refuse_during_canary(conf, "a promotion")
+        with staging_dir(conf) as tmp:
+            unpack(archive, tmp / "tree", f"the release {source} sent")
+            release = tmp / "tree" / "release"
+            digest = release_digest(release) if release.is_dir() else "nothing"
+            if digest != a["digest"]:
+                raise Refused(
+                    f"the release received is not the bytes stage {source} served: digest {digest}, "
+                    f"attested {a['digest']}"
+                )
+            meta = check_release(conf, release)
+            if meta["version"] != version:
+                raise Refused(f"the release received is {meta['version']}, the attestation names {version}")
+            m = gate(conf, release, meta)
+            say(
+                f"release {version} from {source} ({digest[:19]}...) passed {env}'s gate (accuracy "
+                f"{m['accuracy']:.4f}, AUC {m['auc']:.4f} on {m['rows']} rows), deploying"
+            )
+            promoted_from = {k: a[k] for k in ("environment", "served_since", "served_seconds", "gate")}
+            record = {"gate": m, "digest": digest, "promoted_from": promoted_from}
+            deploy(conf, release, meta, a.get("commit") or ZERO, record=record)
+    return f"promoted {version} from {source} ({digest})", f"{env} serves {version}, promoted from {source}"
+
+
 def pre_receive(conf: dict, lines: list[str]) -> int:
     deploy_ref = f"refs/heads/{conf['branch']}"
     updates = [line.split() for line in lines if line.split()[2] == deploy_ref]
@@ -735,6 +902,7 @@ def pre_receive(conf: dict, lines: list[str]) -> int:
                     f"{deploy_ref} moved to {now[:12]} while this push waited (production serves "
                     f"{desired_version(conf)}); fetch, rebase on it and push again"
                 )
+            refuse_unpromoted(conf)
             canary = canary_hosts(conf, push_options())
             refuse_during_canary(conf, "a canary push" if canary else "a push to " + conf["branch"])
             with staging_dir(conf) as tmp:
@@ -748,7 +916,7 @@ def pre_receive(conf: dict, lines: list[str]) -> int:
                     f"{m['accuracy']:.4f}, AUC {m['auc']:.4f}; {time.monotonic() - t0:.1f} s), "
                     f"deploying to {to}"
                 )
-                deploy(conf, release, meta, new, canary)
+                deploy(conf, release, meta, new, canary, {"gate": m})
             hold_until_push_ends(conf, lock)
     except Refused as exc:
         say(f"REJECTED: {exc}")
@@ -834,12 +1002,26 @@ def reported(conf: dict, label: str, change: Callable[[], tuple[str | None, str]
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    usage = "usage: deploy_hook.py pre-receive|post-receive|rollback [X.Y.Z]|sync|canary promote|abort|status"
-    if not argv or argv[0] not in ("pre-receive", "post-receive", "rollback", "sync", "canary"):
+    usage = (
+        "usage: deploy_hook.py pre-receive|post-receive|rollback [X.Y.Z]|sync|canary promote|abort|status"
+        "|attest [X.Y.Z]|promote ATTESTATION ARCHIVE"
+    )
+    verbs = ("pre-receive", "post-receive", "rollback", "sync", "canary", "attest", "promote")
+    if not argv or argv[0] not in verbs:
         print(usage, file=sys.stderr)
         return 2
     conf = load_config()
     try:
+        if argv[0] == "attest":
+            if len(argv) > 2 or (argv[1:] and not SEMVER.match(argv[1])):
+                print(usage, file=sys.stderr)
+                return 2
+            return reported(conf, "ATTEST", lambda: attest(conf, (argv[1:] or [None])[0]))
+        if argv[0] == "promote":
+            if len(argv) != 3:
+                print(usage, file=sys.stderr)
+                return 2
+            return reported(conf, "PROMOTION", lambda: promote(conf, Path(argv[1]), Path(argv[2])))
         if argv[0] == "canary":
             if argv[1:] == ["status"]:
                 return canary_status(conf)
