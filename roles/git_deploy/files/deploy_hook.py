@@ -613,10 +613,12 @@ def deploy(
     commit: str,
     canary: list[str] | None = None,
     record: dict | None = None,
+    served: dict[str, str] | None = None,
 ) -> None:
-    """Serve the release everywhere, or (a canary) install it everywhere and serve it on `canary`."""
+    """Serve the release everywhere, or (a canary) install it everywhere and serve it on `canary`.
+    `served`: what each target answered it serves, if the caller asked them already (precheck)."""
     version = meta["version"]
-    served = precheck(conf)
+    served = served or precheck(conf)
     state = adopted_state(conf)  # the release served before is recorded (and stored) to roll back to
     stored = ensure_stored(conf, version, release)
     t0 = time.monotonic()
@@ -909,14 +911,18 @@ def pre_receive(conf: dict, lines: list[str]) -> int:
                 release = export_release(new, conf["release_path"], tmp)
                 meta = check_release(conf, release)
                 t0 = time.monotonic()
-                m = gate(conf, release, meta)
+                with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+                    # Every target answers (its SSH connection then stays up) while the gate measures.
+                    reach = pool.submit(precheck, conf)
+                    m = gate(conf, release, meta)
+                    served = reach.result()
                 to = f"a canary on {', '.join(canary)}" if canary else f"{len(conf['targets'])} host(s)"
                 say(
                     f"release {meta['version']} passed the gate (measured on {m['rows']} rows: accuracy "
                     f"{m['accuracy']:.4f}, AUC {m['auc']:.4f}; {time.monotonic() - t0:.1f} s), "
                     f"deploying to {to}"
                 )
-                deploy(conf, release, meta, new, canary, {"gate": m})
+                deploy(conf, release, meta, new, canary, {"gate": m}, served)
             hold_until_push_ends(conf, lock)
     except Refused as exc:
         say(f"REJECTED: {exc}")
