@@ -168,15 +168,16 @@ def _flip(model_dir: Path, name: str, version: str) -> None:
     os.replace(tmp, link)  # rename(2): readers see the old or the new target, never nothing
 
 
-def activate(model_dir: Path, version: str, *, validate: bool = True) -> str | None:
-    """Point ``current`` at releases/<version>; remember the old one as ``previous``."""
+def activate(model_dir: Path, version: str, *, validate: bool = True, load: bool = True) -> str | None:
+    """Point ``current`` at releases/<version>; remember the old one as ``previous``. `load=False`
+    checks metadata and checksums only (for a release `install` loaded on this host already)."""
     model_dir = Path(model_dir)
     target = releases_dir(model_dir) / version
     if not target.is_dir():
         known = ", ".join(list_releases(model_dir)) or "none"
         raise ReleaseError(f"no release {version!r} in {releases_dir(model_dir)} (known: {known})")
     if validate:
-        meta = validate_release(target)
+        meta = validate_release(target, load=load)
         if meta.get("version") != version:
             raise ReleaseError(f"{target}: metadata version {meta.get('version')!r} != directory name")
     old = current_version(model_dir)
@@ -311,7 +312,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"(held-out accuracy {m['heldout_accuracy']:.3f}, AUC {m['heldout_auc']:.3f})"
             )
         elif args.command == "activate":
-            old = activate(model_dir, args.version)  # validated (loaded) before the flip
+            # Checksums before the flip; no second model load on the deploy's critical path: every
+            # change installs (which loads the model on this host) before it activates, and an
+            # installed release is immutable.
+            old = activate(model_dir, args.version, load=False)
             # Read back after the flip: what this host now serves, in its own words (the git hook's
             # confirmation that the switch took here).
             print(f"current: {old or 'none'} -> {args.version}\nserving {current_version(model_dir)}")
