@@ -224,7 +224,7 @@ def _rows_from_binary(raw: memoryview, datatype: str, n: int, path: str) -> list
     # Each column's min, max and sum at C speed (a NaN or infinity makes the sum non-finite);
     # only a batch that fails is checked row by row, for the message naming the value.
     for i, name in enumerate(FEATURES):
-        column = values[i::N_FEATURES]
+        column = flat[i::N_FEATURES]
         low, high = FEATURE_RANGES[name]
         if not (low <= min(column) and max(column) <= high and math.isfinite(sum(column))):
             return _validated(rows, path)
