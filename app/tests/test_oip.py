@@ -314,3 +314,54 @@ def test_openapi_conformance_of_v2_with_schemathesis(live_stack):
         check()
     assert {400, 404} <= seen[INFER.replace(MODEL, "{model_name}")], seen
     assert {200, 404} <= seen["/v2/models/{model_name}"], seen
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "FP64"])
+@pytest.mark.parametrize(
+    ("value", "accepted"),
+    [
+        *[(1000.0, True), (0.0, True), (-0.0, True), (5e-45, True)],
+        *[
+            (1000.0001, False),
+            (-1e-30, False),
+            (float("nan"), False),
+            (float("inf"), False),
+            (float("-inf"), False),
+        ],
+    ],
+)
+def test_binary_range_check_agrees_with_the_json_path(client, datatype, value, accepted):
+    """The fast check of binary inputs (bits as integers) against the row validator of /api/v1."""
+    rows = [list(ROWS[0]), [*ROWS[1][:1], value, *ROWS[1][2:]], list(ROWS[2])]
+    if datatype == "FP32":
+        value = struct.unpack("<f", struct.pack("<f", value))[0]  # what the client's FP32 holds
+    v1 = client.post("/api/v1/predict", json={"rows": [rows[0], [*rows[1][:1], value, *rows[1][2:]]]})
+    body, headers = _binary_body(rows, datatype)
+    r = client.post(INFER, data=body, headers=headers)
+    assert (r.status_code == 200) is accepted is (v1.status_code == 200), (r.data, v1.data)
+    if not accepted:
+        assert r.json["error"].startswith("inputs[0][1][1]")
+
+
+def test_packed_rows_travel_with_json_rows_in_one_task():
+    from array import array
+
+    from modelserve.wire import PackedRows, pack_batch, unpack_floats
+
+    packed = PackedRows(array("f", [v for row in ROWS[:2] for v in row]))
+    assert len(packed) == 2 and list(packed) == [list(np.float32(r).tolist()) for r in ROWS[:2]]
+    values = unpack_floats(pack_batch([ROWS[2:3], packed, ROWS[3:4]]))
+    assert values == pytest.approx([v for row in (ROWS[2], *ROWS[:2], ROWS[3]) for v in row], rel=1e-6)
+    with pytest.raises(ValueError):
+        PackedRows(array("f", [1.0] * 7))
+
+
+def test_the_fast_range_check_takes_valid_rows_without_the_slow_path():
+    from modelserve.oip import _in_range
+
+    for fmt, width in (("f", 4), ("d", 8)):
+        raw = memoryview(struct.pack(f"<{len(ROWS) * 8}{fmt}", *(v for row in ROWS for v in row)))
+        assert _in_range(raw, width, len(ROWS))
+        top = struct.pack(f"<8{fmt}", 30, 1000, 400, 200, 5000, 200, 10, 150)  # every maximum
+        assert _in_range(memoryview(top), width, 1)
+        assert not _in_range(memoryview(top[:-width] + struct.pack(f"<{fmt}", 150.5)), width, 1)
