@@ -280,6 +280,7 @@ def test_openapi_conformance_of_v2_with_schemathesis(live_stack):
     from schemathesis import GenerationMode
     from schemathesis.specs.openapi.checks import (
         content_type_conformance,
+        negative_data_rejection,
         response_schema_conformance,
         status_code_conformance,
     )
@@ -290,6 +291,7 @@ def test_openapi_conformance_of_v2_with_schemathesis(live_stack):
         status_code_conformance,
         content_type_conformance,
         response_schema_conformance,
+        negative_data_rejection,
     ]
     session = requests.Session()
     seen = defaultdict(set)
