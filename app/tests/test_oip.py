@@ -367,3 +367,62 @@ def test_the_fast_range_check_takes_valid_rows_without_the_slow_path():
         top = struct.pack(f"<8{fmt}", 30, 1000, 400, 200, 5000, 200, 10, 150)  # every maximum
         assert _in_range(memoryview(top), width, 1)
         assert not _in_range(memoryview(top[:-width] + struct.pack(f"<{fmt}", 150.5)), width, 1)
+
+
+def test_property_no_request_makes_v2_infer_answer_5xx():
+    """Requests near the valid ones (every field either right or anything JSON), JSON or binary:
+    a 200 or a 4xx with an error, never a 5xx (task layer = test double)."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from modelserve.web import create_app
+    from ms_support import FakeTaskLayer, make_settings
+
+    client = create_app(make_settings(MODELSERVE_MAX_BATCH_ROWS="20"), tasks=FakeTaskLayer()).test_client()
+    scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6)
+    anything = st.recursive(
+        scalars,
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+        max_leaves=12,
+    )
+
+    def field(right):
+        return st.just(right) | anything
+
+    rows = st.integers(0, 3)
+    tensors = rows.flatmap(
+        lambda n: st.fixed_dictionaries(
+            {"name": field("input"), "datatype": field("FP32") | st.just("FP64"), "shape": field([n, 8])},
+            optional={
+                "data": field([1.0] * 8 * n) | st.just([[2.0] * 8] * n),
+                "parameters": field({"binary_data_size": 32 * n}),
+            },
+        )
+    )
+    outputs = st.lists(
+        st.fixed_dictionaries(
+            {"name": field("label")}, optional={"parameters": field({"binary_data": True})}
+        ),
+        max_size=3,
+    )
+    headers = st.fixed_dictionaries(
+        {"inputs": field([]) | st.lists(tensors, min_size=1, max_size=2)},
+        optional={
+            "outputs": field([]) | outputs,
+            "parameters": field({"binary_data_output": True}),
+            "id": anything,
+        },
+    )
+
+    @settings(max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(header=headers, binary=st.binary(max_size=96), length_delta=st.none() | st.integers(-4, 4))
+    def check(header, binary, length_delta):
+        text = json.dumps(header).encode()
+        extra = {}
+        if length_delta is not None:  # the binary extension, with a right or wrong header length
+            extra = {"Inference-Header-Content-Length": str(len(text) + length_delta)}
+        r = client.post(INFER, data=text + (binary if length_delta is not None else b""), headers=extra)
+        assert r.status_code < 500, (header, r.data)
+        if r.status_code != 200:
+            assert r.json["error"]
+
+    check()

@@ -263,7 +263,7 @@ def _parse_input(header: dict[str, Any], binary: memoryview, max_rows: int) -> l
         raise OIPError(f"the model has one input {INPUT!r}; got {json.dumps(names)}")
     tensor, path = inputs[0], "inputs[0]"
     datatype = tensor.get("datatype")
-    if datatype not in _TYPECODES:
+    if not isinstance(datatype, str) or datatype not in _TYPECODES:
         raise OIPError(f"{path}.datatype must be FP32 or FP64, got {json.dumps(datatype)}")
     n = _shape(tensor, path, max_rows)
     params = tensor.get("parameters") or {}
@@ -300,11 +300,14 @@ def _wanted_outputs(header: dict[str, Any]) -> list[tuple[str, bool]]:
         raise OIPError("'outputs' must be a list of objects with a 'name'")
     wanted = []
     for i, out in enumerate(asked):
-        if out.get("name") not in OUTPUTS:
+        if not isinstance(out.get("name"), str) or out["name"] not in OUTPUTS:
             raise OIPError(
                 f"outputs[{i}]: unknown output {json.dumps(out.get('name'))}; the model has {list(OUTPUTS)}"
             )
-        binary = (out.get("parameters") or {}).get("binary_data", binary_default)
+        out_params = out.get("parameters") or {}
+        if not isinstance(out_params, dict):
+            raise OIPError(f"outputs[{i}].parameters must be an object")
+        binary = out_params.get("binary_data", binary_default)
         if not isinstance(binary, bool):
             raise OIPError(f"outputs[{i}].parameters.binary_data must be a boolean")
         wanted.append((out["name"], binary))
