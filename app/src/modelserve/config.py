@@ -99,7 +99,7 @@ class Settings:
     task_time_limit: float
     worker_prefetch: int
     access_log: bool
-    model_name: str = "pima-diabetes"
+    model_name: str
 
     def describe(self) -> dict[str, object]:
         """Settings safe to log: the broker password is masked."""
