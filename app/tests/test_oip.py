@@ -426,3 +426,13 @@ def test_property_no_request_makes_v2_infer_answer_5xx():
             assert r.json["error"]
 
     check()
+
+
+def test_the_model_name_is_a_setting(fake_tasks):
+    from modelserve.web import create_app
+    from ms_support import make_settings
+
+    client = create_app(make_settings(MODELSERVE_MODEL_NAME="diabetes"), tasks=fake_tasks).test_client()
+    assert client.get("/v2/models/diabetes").json["name"] == "diabetes"
+    r = client.get(f"/v2/models/{MODEL}")
+    assert r.status_code == 404 and "serves 'diabetes'" in r.json["error"]
