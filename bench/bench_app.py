@@ -4,23 +4,27 @@
 Starts its own private RabbitMQ node, Celery workers and gunicorn (all on 127.0.0.1), drives them
 with wrk, prints a side-by-side table, and stops everything it started. Bounded: < 5 minutes.
 
-    .venv/bin/python bench/bench_app.py [--duration 10] [--concurrency 32] [--batch-rows 500]
+    .venv/bin/python bench/bench_app.py [--duration 10] [--concurrency 32] [--batch-rows 500] [--ab-rounds 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
+import resource
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +49,62 @@ def lua_script(path: Path, body: dict) -> Path:
         encoding="utf-8",
     )
     return path
+
+
+def oip_binary_script(path: Path, rows: list[list[float]]) -> Path:
+    """wrk posting one Open Inference Protocol request: FP32 rows as binary, binary outputs asked."""
+    raw = struct.pack(f"<{len(rows) * 8}f", *(v for row in rows for v in row))
+    tensor = {
+        "name": "input",
+        "datatype": "FP32",
+        "shape": [len(rows), 8],
+        "parameters": {"binary_data_size": len(raw)},
+    }
+    header = json.dumps({"inputs": [tensor], "parameters": {"binary_data_output": True}}).encode()
+    body = path.with_suffix(".bin")
+    body.write_bytes(header + raw)
+    path.write_text(
+        'wrk.method = "POST"\n'
+        'wrk.headers["Content-Type"] = "application/octet-stream"\n'
+        f'wrk.headers["Inference-Header-Content-Length"] = "{len(header)}"\n'
+        f'local f = io.open("{body}", "rb")\nwrk.body = f:read("*a")\nf:close()\n',
+        encoding="utf-8",
+    )
+    return path
+
+
+def cpu_seconds(pids: dict[str, list[int]]) -> dict[str, float]:
+    """CPU time (user + system) so far of each component's processes and their children; "wrk" is
+    this process's waited-for children (the wrk runs)."""
+    out = {"wrk": sum(resource.getrusage(resource.RUSAGE_CHILDREN)[:2])}
+    for name, roots in pids.items():
+        total = 0.0
+        for pid in roots:
+            with contextlib.suppress(psutil.Error):
+                root = psutil.Process(pid)
+                for proc in [root, *root.children(recursive=True)]:
+                    with contextlib.suppress(psutil.Error):
+                        times = proc.cpu_times()
+                        total += times.user + times.system
+        out[name] = total
+    return out
+
+
+def merge_runs(rounds: list[dict], rows: int) -> dict:
+    """Rounds of one kind: mean req/s, median p50, worst p99, summed counts."""
+    p50s = sorted(r["p50"] for r in rounds)
+    merged = {
+        "rps": sum(r["rps"] for r in rounds) / len(rounds),
+        "p50": p50s[len(p50s) // 2],
+        "p99": max(r["p99"] for r in rounds),
+        "requests": sum(r["requests"] for r in rounds),
+        "non2xx": sum(r["non2xx"] for r in rounds),
+        "socket_errors": "; ".join(r["socket_errors"] for r in rounds if r["socket_errors"]),
+        "rounds_rps": [r["rps"] for r in rounds],
+        "cpu": {k: sum(r["cpu"][k] for r in rounds) for k in rounds[0]["cpu"]},
+    }
+    merged["predictions_per_s"] = merged["rps"] * rows
+    return merged
 
 
 def _ms(text: str) -> float:
@@ -97,6 +157,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=32, help="wrk connections for single rows")
     parser.add_argument("--batch-rows", type=int, default=500, help="rows per request in the batched run")
     parser.add_argument("--batch-concurrency", type=int, default=8)
+    parser.add_argument("--ab-rounds", type=int, default=2, help="alternating JSON / OIP binary batch rounds")
     parser.add_argument("--workers", type=int, default=1, help="Celery worker processes (optimised)")
     parser.add_argument("--web-workers", type=int, default=2, help="gunicorn worker processes")
     parser.add_argument("--skip-naive", action="store_true")
@@ -139,10 +200,32 @@ def main() -> int:
         results["optimised single-row"] = run_wrk(
             url + "/api/v1/predict", single, args.concurrency, args.duration
         )
-        print(f"optimised: {args.batch_rows}-row batches, {args.batch_concurrency} clients ...", flush=True)
-        r = run_wrk(url + "/api/v1/predict", batch, args.batch_concurrency, args.duration)
-        r["predictions_per_s"] = r["rps"] * args.batch_rows
-        results[f"optimised batch x{args.batch_rows}"] = r
+        # /api/v1 JSON batches, and the same rows through the Open Inference Protocol, binary in and
+        # out (no JSON numbers), in alternating rounds: load from elsewhere on the machine then
+        # weighs on both alike.
+        oip = oip_binary_script(base / "oip.lua", [ROW] * args.batch_rows)
+        runs: dict[str, list[dict]] = {
+            f"optimised batch x{args.batch_rows}": [],
+            f"OIP binary x{args.batch_rows}": [],
+        }
+        targets = list(
+            zip(
+                runs,
+                [(url + "/api/v1/predict", batch), (url + "/v2/models/pima-diabetes/infer", oip)],
+                strict=True,
+            )
+        )
+        pids = {"web": [web.pid], "worker": [p.pid for p in workers], "broker": [rabbit.proc.pid]}
+        for i in range(args.ab_rounds):
+            for name, (target, script) in targets:
+                print(f"optimised: {name}, {args.batch_concurrency} clients, round {i + 1} ...", flush=True)
+                before = cpu_seconds(pids)
+                r = run_wrk(target, script, args.batch_concurrency, args.duration)
+                after = cpu_seconds(pids)
+                r["cpu"] = {k: after[k] - before[k] for k in after}
+                runs[name].append(r)
+        for name, rounds in runs.items():
+            results[name] = merge_runs(rounds, args.batch_rows)
         metrics = requests.get(url + "/metrics", timeout=5).text
         for proc in (web, *workers):
             devstack.stop_process(proc, timeout=3, sig=signal.SIGINT if proc is web else signal.SIGQUIT)
@@ -188,10 +271,31 @@ def main() -> int:
     if "naive single-row" in results and results["naive single-row"]["rps"] > 0:
         ratio = results["optimised single-row"]["rps"] / results["naive single-row"]["rps"]
         print(f"\noptimised / naive (single rows, same run): {ratio:.0f}x")
+    json_batch, oip_batch = (
+        results[f"optimised batch x{args.batch_rows}"],
+        results[f"OIP binary x{args.batch_rows}"],
+    )
+    if json_batch["rps"] > 0:
+        print(
+            f"\nOIP binary / /api/v1 JSON ({args.batch_rows}-row batches, same rows, same run): "
+            f"{oip_batch['predictions_per_s']:.0f} / {json_batch['predictions_per_s']:.0f} predictions/s = "
+            f"{oip_batch['rps'] / json_batch['rps']:.2f}x; per round: "
+            + ", ".join(
+                f"{o / j:.2f}x"
+                for o, j in zip(oip_batch["rounds_rps"], json_batch["rounds_rps"], strict=True)
+                if j
+            )
+        )
+        print(f"CPU ms per {args.batch_rows}-row request, by component (what the 2 cores were spent on):")
+        print(f"  {'mode':<24}" + "".join(f"{k:>9}" for k in (*json_batch["cpu"], "total")))
+        for name in (f"optimised batch x{args.batch_rows}", f"OIP binary x{args.batch_rows}"):
+            r = results[name]
+            per = [v * 1000 / max(1, r["requests"]) for v in r["cpu"].values()]
+            print(f"  {name:<24}" + "".join(f"{v:>9.2f}" for v in (*per, sum(per))))
     if tasks:
         print(
             f"micro-batching: {rows_sum / tasks:.1f} rows per Celery task on average "
-            "over both optimised runs (web /metrics)"
+            "over the optimised runs (web /metrics)"
         )
     for name, r in results.items():
         if r["socket_errors"]:

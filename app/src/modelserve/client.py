@@ -36,7 +36,7 @@ from kombu import Connection, Consumer, Producer, Queue
 from modelserve.config import Settings
 from modelserve.metrics import Metrics
 from modelserve.protocol import TASK_PREDICT, task_message, task_producer, task_queue
-from modelserve.wire import pack_rows, read_answer
+from modelserve.wire import PackedRows, pack_batch, read_answer
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class ServiceUnavailable(Exception):
 class _Call:
     __slots__ = ("args", "error", "event", "result", "rows", "task")
 
-    def __init__(self, task: str, rows: list | None = None, args: list | None = None) -> None:
+    def __init__(self, task: str, rows: list | PackedRows | None = None, args: list | None = None) -> None:
         self.task = task
         self.rows = rows
         self.args = args
@@ -116,7 +116,7 @@ class TaskClient:
 
     # --- API for request threads --------------------------------------------------------------
 
-    def predict(self, rows: list[list[float]], timeout: float | None = None) -> dict[str, Any]:
+    def predict(self, rows: list[list[float]] | PackedRows, timeout: float | None = None) -> dict[str, Any]:
         """Probabilities for validated rows; raises ServiceUnavailable (never hangs)."""
         return self._submit(_Call(TASK_PREDICT, rows=rows), timeout)
 
@@ -154,7 +154,7 @@ class TaskClient:
             # Nagle-style: while all in-flight slots are busy, more requests queue up behind us.
             slot = self._slots.acquire(timeout=self.settings.task_timeout)
             batch, rows = self._gather_batch(first, carry)
-            packed = pack_rows([r for call in batch for r in call.rows or []])
+            packed = pack_batch([call.rows or [] for call in batch])
             self._send(TASK_PREDICT, [packed], batch, slot=slot, rows=rows)
 
     def _gather_batch(self, first: _Call, carry: deque[_Call]) -> tuple[list[_Call], int]:

@@ -246,7 +246,9 @@ def create_app(settings: Settings | None = None, tasks: TaskLayer | None = None)
     # A bound on the body too: rows * ~150 bytes of JSON each, plus slack.
     app.config["MAX_CONTENT_LENGTH"] = max(64 * 1024, settings.max_batch_rows * 400)
     app.extensions["modelserve"] = Services(settings, tasks, metrics, Readiness(settings, tasks))
-    for blueprint in (api, ops, page):
+    from modelserve.oip import oip  # here: oip imports this module
+
+    for blueprint in (api, ops, page, oip):
         app.register_blueprint(blueprint)
     # Every error is JSON, on every path (also 404/405 outside the blueprints).
     app.register_error_handler(HTTPException, _http_error)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 from array import array
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from itertools import chain
 from typing import Any
 
@@ -44,6 +44,36 @@ def pack_floats(values: Iterable[float]) -> str:
 
 def pack_rows(rows: list[list[float]]) -> str:
     return pack_floats(chain.from_iterable(rows))
+
+
+class PackedRows:
+    """Validated rows already as a flat float32 array (what a binary request carries), handed to the
+    task layer without a Python object per number; ``len()`` counts rows, iterating gives lists."""
+
+    __slots__ = ("values",)
+
+    def __init__(self, values: array) -> None:
+        if values.typecode != "f" or len(values) % N_FEATURES:
+            raise ValueError(f"packed rows must be float32, a multiple of {N_FEATURES} values")
+        self.values = values
+
+    def __len__(self) -> int:
+        return len(self.values) // N_FEATURES
+
+    def __iter__(self) -> Iterator[list[float]]:
+        flat = self.values.tolist()
+        return (flat[i : i + N_FEATURES] for i in range(0, len(flat), N_FEATURES))
+
+
+def pack_batch(parts: Iterable[Iterable[list[float]]]) -> str:
+    """The rows of several requests as one packed buffer; a part is a list of rows or PackedRows."""
+    values = array("f")
+    for rows in parts:
+        if isinstance(rows, PackedRows):
+            values.extend(rows.values)  # same typecode: a copy of bytes
+        else:
+            values.extend(chain.from_iterable(rows))
+    return _b64(values.tobytes())
 
 
 def unpack_floats(text: str) -> list[float]:
