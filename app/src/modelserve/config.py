@@ -99,6 +99,7 @@ class Settings:
     task_time_limit: float
     worker_prefetch: int
     access_log: bool
+    status_interval: float
 
     def describe(self) -> dict[str, object]:
         """Settings safe to log: the broker password is masked."""
@@ -170,4 +171,5 @@ def load_settings(environ: Mapping[str, str] | None = None, *, require_broker: b
         task_time_limit=_float(values, "MODELSERVE_TASK_TIME_LIMIT", 30.0, minimum=1.0),
         worker_prefetch=_int(values, "MODELSERVE_WORKER_PREFETCH", 4),
         access_log=_bool(values, "MODELSERVE_ACCESS_LOG", False),
+        status_interval=_float(values, "MODELSERVE_STATUS_INTERVAL", 2.0, minimum=0.2),
     )
