@@ -122,6 +122,7 @@ class TaskClient:
             self._fleet: dict[str, tuple[float, dict[str, Any]]] = {}
             self._fleet_since = 0.0
             self._fleet_seen = threading.Event()
+            self._recount = False  # a worker started or stopped consuming: count again now
             self._pid = os.getpid()
             threading.Thread(target=self._reply_loop, name="modelserve-replies", daemon=True).start()
             threading.Thread(target=self._batch_loop, name="modelserve-batcher", daemon=True).start()
@@ -309,7 +310,8 @@ class TaskClient:
                     with contextlib.suppress(TimeoutError):
                         conn.drain_events(timeout=0.25)
                     self._sweep()
-                    if time.monotonic() >= next_probe:
+                    if self._recount or time.monotonic() >= next_probe:
+                        self._recount = False
                         next_probe = time.monotonic() + CONSUMERS_EVERY
                         probe = self._count_consumers(conn, probe)
             except Exception as exc:
@@ -346,10 +348,13 @@ class TaskClient:
         if state not in STATUS_STATES:
             return
         with self._lock:
+            before = self._fleet.get(worker, (0.0, {}))[1].get("consuming")
             if state == "stopped":
                 self._fleet.pop(worker, None)
             elif worker in self._fleet or len(self._fleet) < MAX_FLEET:
                 self._fleet[worker] = (time.monotonic(), {**status, "worker": worker, "ttl": ttl})
+        if state == "stopped" or before != status.get("consuming"):
+            self._recount = True
         self._fleet_seen.set()
 
     def _on_reply(self, message) -> None:
