@@ -78,6 +78,8 @@ def test_systemd_mode_passes(tmp_path, ansible_bin, ansible_env):
         ({"model_serving_http_port": 70000}, "model_serving_http_port must be 1-65535"),
         ({"model_serving_releases_keep": 1}, "at least 2 (one to roll back to)"),
         ({"model_serving_broker_credentials": dict(CREDENTIALS, user="guest")}, "user (not guest)"),
+        ({"model_serving_web_memory_max": "lots"}, "must be a systemd size (e.g. 1G, 800M) or infinity"),
+        ({"model_serving_web_tasks_max": 32}, "must cover web_workers x web_threads + 16"),
     ],
 )
 def test_bad_input_is_refused_by_name(tmp_path, ansible_bin, ansible_env, extra, message):

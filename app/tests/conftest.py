@@ -76,14 +76,17 @@ class Stack:
             "MODELSERVE_WEB_THREADS": "16",
             "MODELSERVE_TASK_TIMEOUT": "10",
             "MODELSERVE_MODEL_CHECK_INTERVAL": "0.2",
+            "MODELSERVE_STATUS_INTERVAL": "1",
         }
         settings.update(env)
         self.env = devstack.stack_env(broker_url, self.model_dir, f"127.0.0.1:{self.port}", **settings)
         self.workers: list = []
         self.web = None
 
-    def start_worker(self):
-        proc = devstack.start_worker(self.env, self.base / f"worker{len(self.workers)}.log")
+    def start_worker(self, **env: str):
+        """A worker; ``env`` overrides settings for this one (e.g. its own MODELSERVE_MODEL_DIR)."""
+        log = self.base / f"worker{len(self.workers)}.log"
+        proc = devstack.start_worker({**self.env, **env}, log)
         self.workers.append(proc)
         return proc
 
@@ -95,15 +98,19 @@ class Stack:
     def wait_ready(self, timeout: float = 30) -> None:
         devstack.wait_http(f"{self.url}/readyz", timeout)
 
-    def worker_ids(self, timeout: float = 20) -> set[str]:
-        """Ask /api/v1/model until every live worker has answered at least once."""
+    def fleet(self) -> dict[str, dict]:
+        """The workers /api/v1/model lists, by id (host:pid)."""
+        r = requests.get(f"{self.url}/api/v1/model", timeout=15)
+        return {w["worker"]: w for w in r.json().get("workers", [])}
+
+    def worker_ids(self, timeout: float = 20, state: str = "serving") -> set[str]:
+        """Ask /api/v1/model until every live worker is listed in ``state``."""
         alive = {p.pid for p in self.workers if p.poll() is None}
         seen: set[str] = set()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and {int(s.rsplit(":", 1)[1]) for s in seen} < alive:
-            r = requests.get(f"{self.url}/api/v1/model", timeout=15)
-            if r.status_code == 200:
-                seen.add(r.json()["worker"])
+            seen = {w for w, status in self.fleet().items() if status["state"] == state}
+            time.sleep(0.2)
         return seen
 
     def kill_worker(self, proc) -> None:

@@ -48,6 +48,26 @@ class FakeTaskLayer:
     def broker_reachable(self):
         return (not self.fail, self.fail or "")
 
+    def consumers(self, wait=0.0):
+        self.calls.append(("consumers", wait))
+        return 0 if self.fail else 1
+
+    def fleet(self, wait=0.0):
+        if self.fail:
+            return []
+        return [
+            {
+                "worker": "fake:1",
+                "state": "serving",
+                "consuming": True,
+                "version": self.version,
+                "metrics": {},
+                "loaded_at": "now",
+                "ttl": 7.0,
+                "seen_seconds_ago": 0.1,
+            }
+        ]
+
 
 def make_settings(**env: str):
     base = {

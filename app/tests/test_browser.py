@@ -6,6 +6,7 @@ import os
 import shutil
 
 import pytest
+import requests
 from ms_support import requires_rabbitmq
 
 CHROMIUM = "/usr/bin/chromium"
@@ -34,6 +35,7 @@ def browser(tmp_path):
         f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1200,900",
     ):  # fmt: skip
         options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # CSP violations show there
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(30)
     yield driver
@@ -84,3 +86,13 @@ def test_form_predicts_and_chart_updates(live_stack, browser, tmp_path):
     assert "Error 422" in browser.find_element(By.ID, "result").text
     assert len(browser.find_elements(By.CSS_SELECTOR, "#chart rect.bar")) == 2
     browser.save_screenshot(str(tmp_path / "page.png"))
+
+    # Under the Content-Security-Policy: the stylesheet applied, nothing was refused.
+    assert (
+        "default-src 'none'"
+        in requests.get(live_stack.url + "/", timeout=10).headers["Content-Security-Policy"]
+    )
+    button = browser.find_element(By.ID, "submit")
+    assert button.value_of_css_property("background-color") in ("rgba(31, 111, 235, 1)", "rgb(31, 111, 235)")
+    refused = [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
+    assert not refused, refused

@@ -75,7 +75,18 @@ def test_bad_input_on_the_live_stack(live_stack):
     r = requests.post(f"{live_stack.url}/api/v1/predict", json={"rows": [ROWS[0], [1, 2]]}, timeout=5)
     assert r.status_code == 422 and r.json()["field"] == "rows[1]"
     r = requests.post(f"{live_stack.url}/api/v1/predict", data=b"nope", timeout=5)
+    assert r.status_code == 415  # no Content-Type: not declared JSON
+    json_header = {"Content-Type": "application/json"}
+    r = requests.post(f"{live_stack.url}/api/v1/predict", data=b"nope", headers=json_header, timeout=5)
     assert r.status_code == 400
+    r = requests.post(
+        f"{live_stack.url}/api/v1/predict",
+        data=b'{"row": [1,2,3,4,5,6,0.1,8]}',
+        headers={"Content-Type": "text/plain"},
+        timeout=5,
+    )
+    assert r.status_code == 415 and "application/json" in r.json()["error"]
+    assert r.json()["request_id"] == r.headers["X-Request-Id"]
     r = requests.post(f"{live_stack.url}/api/v1/predict", json={"rows": [ROWS[0]] * 1001}, timeout=5)
     assert r.status_code == 413
 
@@ -259,3 +270,87 @@ def test_broker_outage_answers_503_fast_and_recovers(tmp_path):
     finally:
         stack.stop()
         node.stop()
+
+
+def _broken_model_dir(stack, seed_release, name: str):
+    """A model dir for one worker, its active release's model.tflite corrupted (fails its checksum)."""
+    root = stack.base / name
+    devstack.install_release(root, seed_release)
+    release.activate(root, "1.0.0")
+    tflite = root / "releases" / "1.0.0" / "model.tflite"
+    tflite.chmod(0o644)
+    tflite.write_bytes(b"\0corrupt" + tflite.read_bytes()[8:])
+    return root, tflite
+
+
+def _wait_fleet(stack, until, timeout: float = 30) -> dict[str, dict]:
+    deadline = time.monotonic() + timeout
+    fleet = stack.fleet()
+    while not until(fleet):
+        assert time.monotonic() < deadline, (fleet, stack.logs())
+        time.sleep(0.3)
+        fleet = stack.fleet()
+    return fleet
+
+
+def _readyz_codes(stack, n: int = 20) -> list[int]:
+    """n calls over ~3 s (past the readiness cache), on new connections (both gunicorn processes)."""
+    codes = []
+    for _ in range(n):
+        codes.append(requests.get(f"{stack.url}/readyz", timeout=10).status_code)
+        time.sleep(0.15)
+    return codes
+
+
+def test_a_worker_without_a_loadable_model_takes_no_tasks(make_stack, seed_release):
+    stack = make_stack(workers=1)
+    broken_dir, tflite = _broken_model_dir(stack, seed_release, "broken-models")
+    broken = stack.start_worker(MODELSERVE_MODEL_DIR=str(broken_dir))
+    fleet = _wait_fleet(stack, lambda f: len(f) == 2)
+    broken_id = next(w for w in fleet if w.endswith(f":{broken.pid}"))
+    healthy_id = next(w for w in fleet if w != broken_id)
+    # The fleet view lists both, the broken one with its reason (no path of the host in it).
+    assert fleet[healthy_id]["state"] == "serving" and fleet[healthy_id]["version"] == "1.0.0"
+    status = fleet[broken_id]
+    assert status["state"] == "no_model" and status["consuming"] is False, status
+    assert "release 1.0.0 cannot be loaded" in status["reason"] and "model.tflite" in status["reason"]
+    assert str(stack.base) not in status["reason"]
+    model = requests.get(f"{stack.url}/api/v1/model", timeout=10).json()
+    assert model["version"] == "1.0.0" and model["versions"] == {"1.0.0": 1}
+    # Readiness: one worker can answer, so ready, on every call.
+    assert _readyz_codes(stack) == [200] * 20
+    ready = requests.get(f"{stack.url}/readyz", timeout=10).json()
+    assert ready["consumers"] == 1 and ready["model_version"] == "1.0.0"
+    with Load(stack.url, clients=6) as load:
+        time.sleep(3.0)
+    assert not load.errors and len(load.results) > 50
+    assert Counter(status for _, status, _, _ in load.results) == {200: len(load.results)}
+    assert {worker for _, _, _, worker in load.results} == {healthy_id}  # the broken one took none
+
+    # Repaired in place: the worker's bounded backoff retries, it loads and consumes again.
+    tflite.write_bytes((seed_release / "model.tflite").read_bytes())
+    fleet = _wait_fleet(stack, lambda f: f.get(broken_id, {}).get("consuming"), timeout=45)
+    assert fleet[broken_id]["state"] == "serving" and fleet[broken_id]["reason"] is None
+    deadline = time.monotonic() + 5  # counted about once a second, cached a second
+    while requests.get(f"{stack.url}/readyz", timeout=10).json()["consumers"] != 2:
+        assert time.monotonic() < deadline, stack.logs()
+        time.sleep(0.2)
+    with Load(stack.url, clients=6) as load:
+        time.sleep(3.0)
+    assert {worker for _, _, _, worker in load.results} == {healthy_id, broken_id}
+
+
+def test_readiness_is_steadily_503_when_no_worker_has_a_model(make_stack, seed_release):
+    stack = make_stack(workers=0, MODELSERVE_TASK_TIMEOUT="2")
+    for name in ("a", "b"):
+        stack.start_worker(MODELSERVE_MODEL_DIR=str(_broken_model_dir(stack, seed_release, name)[0]))
+    fleet = _wait_fleet(stack, lambda f: len(f) == 2)
+    assert {s["state"] for s in fleet.values()} == {"no_model"}
+    assert _readyz_codes(stack) == [503] * 20
+    r = requests.get(f"{stack.url}/readyz", timeout=10)
+    assert r.json()["consumers"] == 0 and r.json()["checks"]["broker"] is True
+    r = requests.get(f"{stack.url}/api/v1/model", timeout=10)
+    assert r.status_code == 503 and len(r.json()["workers"]) == 2
+    assert all("cannot be loaded" in w["reason"] for w in r.json()["workers"])
+    r = requests.post(f"{stack.url}/api/v1/predict", json={"row": ROWS[0]}, timeout=15)
+    assert r.status_code == 503  # nobody consumes: the task's TTL ends it

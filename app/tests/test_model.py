@@ -3,6 +3,7 @@ import sys
 import time
 from pathlib import Path
 
+import modelserve.model
 import ms_devstack as devstack
 import pytest
 from modelserve import release
@@ -60,8 +61,38 @@ def test_holder_keeps_the_old_model_when_the_new_release_is_broken(model_dir, se
 
 
 def test_holder_without_release_raises(tmp_path):
-    with pytest.raises(ModelUnavailable):
+    with pytest.raises(ModelUnavailable, match="no active release"):
         ModelHolder(tmp_path).get()
+
+
+def test_holder_retries_a_broken_release_with_bounded_backoff(model_dir, seed_release, monkeypatch):
+    tflite = model_dir / "current" / "model.tflite"
+    tflite.chmod(0o644)
+    tflite.write_bytes(b"\0corrupt" + tflite.read_bytes()[8:])
+    attempts = []
+    real = modelserve.model.LoadedModel
+    monkeypatch.setattr(modelserve.model, "LoadedModel", lambda d: attempts.append(d) or real(d))
+    holder = ModelHolder(model_dir, check_interval=0)
+    holder.RETRY_FIRST, holder.RETRY_MAX = 0.2, 0.4
+    with pytest.raises(ModelUnavailable) as err:
+        holder.get()
+    # The reason names the release and the file, not the host's path.
+    assert "release 1.0.0 cannot be loaded" in str(err.value) and "model.tflite" in str(err.value)
+    assert str(model_dir) not in str(err.value)
+    for _ in range(5):  # within the backoff: not tried again
+        with pytest.raises(ModelUnavailable):
+            holder.get()
+    assert len(attempts) == 1
+    t0 = time.monotonic()
+    while len(attempts) < 4 and time.monotonic() < t0 + 3:
+        with pytest.raises(ModelUnavailable):
+            holder.get()
+        time.sleep(0.02)
+    # Tried again 0.2, 0.4, 0.4 s apart (doubling, capped), polled every 20 ms meanwhile.
+    assert len(attempts) == 4 and time.monotonic() - t0 >= 0.9
+    tflite.write_bytes((seed_release / "model.tflite").read_bytes())  # repaired in place
+    time.sleep(0.45)
+    assert holder.get().version == "1.0.0" and holder.error is None
 
 
 def test_worker_tasks_use_the_holder(model_dir):

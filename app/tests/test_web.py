@@ -13,6 +13,7 @@ def test_healthz_and_readyz(client):
     assert r.json == {
         "ready": True,
         "checks": {"broker": True, "worker": True, "model": True},
+        "consumers": 1,
         "model_version": "1.0.0",
     }
 
@@ -22,19 +23,56 @@ def test_readyz_is_cached(fake_tasks):
     c = app.test_client()
     for _ in range(5):
         assert c.get("/readyz").status_code == 200
-    assert sum(1 for name, _ in fake_tasks.calls if name == "modelserve.model_info") == 1
+    assert sum(1 for name, _ in fake_tasks.calls if name == "consumers") == 1
+    assert not [name for name, _ in fake_tasks.calls if name == "modelserve.model_info"]  # asks no worker
 
 
-def test_readyz_reports_a_worker_without_model():
-    class NoModel(FakeTaskLayer):
-        def call(self, task, args, timeout=None):
-            return {"loaded": False, "error": "no loadable release", "worker": "w1"}
+class Fleet(FakeTaskLayer):
+    """Workers that reported a status: (id, version or None, reason)."""
 
-    c = create_app(make_settings(), tasks=NoModel()).test_client()
+    def __init__(self, workers, consumers):
+        super().__init__()
+        self.workers, self.n = workers, consumers
+
+    def consumers(self, wait=0.0):
+        return self.n
+
+    def fleet(self, wait=0.0):
+        return [
+            {"worker": w, "state": "serving" if v else "no_model", "version": v, "reason": why, "ttl": 7.0}
+            | ({"loaded_at": f"2026-01-01T00:00:0{i}", "metrics": {"auc": i}} if v else {})
+            for i, (w, v, why) in enumerate(self.workers)
+        ]
+
+
+def test_readyz_means_a_worker_consumes_the_queue():
+    broken = ("h2:2", None, "release 1.0.0 cannot be loaded: checksum mismatch")
+    c = create_app(make_settings(), tasks=Fleet([broken], consumers=0)).test_client()
     r = c.get("/readyz")
     assert r.status_code == 503
-    assert r.json["checks"] == {"broker": True, "worker": True, "model": False}
-    assert "no loadable release" in r.json["reasons"][0]
+    assert r.json["checks"] == {"broker": True, "worker": False, "model": False}
+    assert r.json["reasons"] == ["worker: no worker with a loadable model consumes the prediction queue"]
+    c = create_app(make_settings(), tasks=Fleet([("h1:1", "1.0.0", None), broken], 1)).test_client()
+    assert [c.get("/readyz").status_code for _ in range(5)] == [200] * 5
+
+
+def test_model_endpoint_reports_the_fleet():
+    workers = [("h1:1", "1.0.0", None), ("h1:2", "1.1.0", None), ("h2:1", "1.1.0", None)]
+    broken = ("h2:2", None, "release 1.1.0 cannot be loaded: checksum mismatch")
+    c = create_app(make_settings(), tasks=Fleet([*workers, broken], 3)).test_client()
+    r = c.get("/api/v1/model")
+    assert r.status_code == 200
+    assert r.json["version"] == "1.1.0" and r.json["versions"] == {"1.0.0": 1, "1.1.0": 2}
+    assert r.json["metrics"] == {"auc": 2} and r.json["loaded"] is True  # the last 1.1.0 loaded
+    assert [(w["worker"], w["state"], w["reason"]) for w in r.json["workers"]] == [
+        ("h1:1", "serving", None),
+        ("h1:2", "serving", None),
+        ("h2:1", "serving", None),
+        ("h2:2", "no_model", broken[2]),
+    ]
+    c = create_app(make_settings(), tasks=Fleet([broken], 0)).test_client()
+    r = c.get("/api/v1/model")
+    assert r.status_code == 503 and r.json["workers"][0]["reason"] == broken[2]
 
 
 def test_model_endpoint(client):
@@ -66,7 +104,8 @@ def test_openapi_document(client):
     assert doc["openapi"].startswith("3.")
     for path in ("/api/v1/predict", "/api/v1/model", "/healthz", "/readyz", "/metrics"):
         assert path in doc["paths"]
-    assert set(doc["paths"]["/api/v1/predict"]["post"]["responses"]) >= {"200", "400", "413", "422", "503"}
+    answers = set(doc["paths"]["/api/v1/predict"]["post"]["responses"])
+    assert answers >= {"200", "400", "413", "415", "422", "503"}
 
 
 def test_metrics_count_requests_and_latency(client):
@@ -92,6 +131,73 @@ def test_index_page_is_self_contained(client):
     assert not re.search(r'(src|href)="(https?:)?//', html)  # no CDN, no external assets
     js = client.get("/static/app.js")
     assert js.status_code == 200 and 'fetch("/api/v1/predict"' in js.get_data(as_text=True)
+    css = client.get("/static/app.css")
+    assert css.status_code == 200 and css.mimetype == "text/css"
+    # The CSP allows no inline script or style: the page must not need any.
+    assert "<style" not in html and "style=" not in html and not re.search(r"<script(?! src=)", html)
+
+
+def test_every_response_carries_the_security_headers_and_a_request_id(client):
+    for r in (client.get("/"), client.get("/nope"), client.post("/api/v1/predict", json={"rows": []})):
+        csp = r.headers["Content-Security-Policy"]
+        assert "default-src 'none'" in csp and "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+        assert r.headers["X-Content-Type-Options"] == "nosniff"
+        assert r.headers["X-Frame-Options"] == "DENY" and r.headers["Referrer-Policy"] == "no-referrer"
+        assert re.fullmatch(r"[0-9a-f]{32}", r.headers["X-Request-Id"])
+    assert r.json["request_id"] == r.headers["X-Request-Id"]  # error bodies quote it
+    ids = {client.get("/healthz").headers["X-Request-Id"] for _ in range(3)}
+    assert len(ids) == 3
+    # a proxy's well-formed id is kept (log correlation); anything else is replaced
+    assert client.get("/healthz", headers={"X-Request-Id": "lb-123.a"}).headers["X-Request-Id"] == "lb-123.a"
+    replaced = client.get("/healthz", headers={"X-Request-Id": "a b;<x>" + "y" * 80}).headers["X-Request-Id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", replaced)
+
+
+def test_json_endpoints_refuse_other_content_types_with_415(client):
+    body = '{"row": [1, 2, 3, 4, 5, 6, 0.1, 8]}'
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", "text/html", None):
+        r = client.post("/api/v1/predict", data=body, content_type=ctype)
+        assert r.status_code == 415, (ctype, r.status_code)
+        assert "application/json" in r.json["error"] and r.json["request_id"]
+    assert (
+        client.post("/api/v1/predict", data=body, content_type="application/json; charset=utf-8").status_code
+        == 200
+    )
+
+
+def test_errors_name_no_host_process_or_path(caplog):
+    secret = "ConnectionRefusedError: broker-7.internal:5672 pid 4242 /srv/modelserve/releases"
+    c = create_app(make_settings(), tasks=FakeTaskLayer(fail=secret)).test_client()
+    r = c.post("/api/v1/predict", json={"row": [1, 2, 3, 4, 5, 6, 0.1, 8]})
+    assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+    text = r.get_data(as_text=True)
+    for leak in ("broker-7", "5672", "4242", "/srv", "Refused"):
+        assert leak not in text
+    assert set(r.json) == {"error", "request_id"}
+    # ... the operator finds them in the log under the request id the client quotes
+    assert any(r.json["request_id"] in m and "broker-7" in m for m in caplog.messages)
+    r = c.get("/readyz")
+    assert r.status_code == 503 and "broker-7" not in r.get_data(as_text=True)
+
+
+def test_metric_labels_are_a_closed_set(client):
+    """Any method string a client sends becomes 'other': series, and memory, stay bounded."""
+
+    def series() -> int:
+        text = client.get("/metrics").get_data(as_text=True)
+        return sum(1 for line in text.splitlines() if line.startswith("modelserve_http_requests_total{"))
+
+    client.open("/api/v1/predict", method="FOO")
+    client.open("/no/such/path", method="BAR")
+    series()  # counts the /metrics request too
+    before = series()
+    for i in range(300):
+        client.open("/api/v1/predict", method=f"FOO{i}")
+        client.open(f"/no/such/path/{i}", method=f"BAR{i}")
+    text = client.get("/metrics").get_data(as_text=True)
+    assert series() == before
+    assert "FOO" not in text and "BAR" not in text and "/no/such" not in text
+    assert re.search(r'endpoint="unmatched",method="other",status="\d+"', text)
 
 
 def test_gunicorn_command_line():

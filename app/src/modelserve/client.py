@@ -10,7 +10,11 @@ One :class:`TaskClient` per web process, started lazily (so it is created after 
   ``modelserve.predict`` task;
 * the *reply* thread owns a second connection consuming a private exclusive reply queue; the
   worker's rpc result backend answers there with ``correlation_id`` = task id, and the reply
-  thread fans the probabilities back out to the waiting requests.
+  thread fans the probabilities back out to the waiting requests. On the same connection it
+  keeps the latest status of every worker (a private queue bound to the workers' status fanout
+  exchange: :meth:`TaskClient.fleet`) and, about once a second, the prediction queue's consumer
+  count (a passive declare: :meth:`TaskClient.consumers`). Workers consume only while they have
+  a model, so that count is the number of workers that can answer a prediction now.
 
 Every wait is bounded: no answer within ``MODELSERVE_TASK_TIMEOUT`` (or no broker) raises
 :class:`ServiceUnavailable`, which the web turns into a 503. Messages carry the same TTL, so a
@@ -35,12 +39,21 @@ from kombu import Connection, Consumer, Producer, Queue
 
 from modelserve.config import Settings
 from modelserve.metrics import Metrics
-from modelserve.protocol import TASK_PREDICT, task_message, task_producer, task_queue
+from modelserve.protocol import (
+    STATUS_STATES,
+    TASK_PREDICT,
+    status_queue,
+    task_message,
+    task_producer,
+    task_queue,
+)
 from modelserve.wire import PackedRows, pack_batch, read_answer
 
 log = logging.getLogger(__name__)
 
 FINAL_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
+CONSUMERS_EVERY = 1.0  # seconds between passive declares of the prediction queue
+MAX_FLEET = 1000  # worker statuses kept at most (anyone on the vhost can publish one)
 
 
 class ServiceUnavailable(Exception):
@@ -104,9 +117,19 @@ class TaskClient:
             self._last_failure = 0.0
             self._last_error = ""
             self._stop = threading.Event()
+            self._consumers: tuple[float, int] | None = None  # (monotonic time, count)
+            self._consumers_seen = threading.Event()
+            self._fleet: dict[str, tuple[float, dict[str, Any]]] = {}
+            self._fleet_since = 0.0
+            self._fleet_seen = threading.Event()
+            self._recount = False  # a worker started or stopped consuming: count again now
             self._pid = os.getpid()
             threading.Thread(target=self._reply_loop, name="modelserve-replies", daemon=True).start()
             threading.Thread(target=self._batch_loop, name="modelserve-batcher", daemon=True).start()
+
+    def start(self) -> None:
+        """Connect now rather than on the first request (idempotent, per process)."""
+        self._ensure_started()
 
     def close(self) -> None:
         if self._pid != os.getpid():
@@ -139,6 +162,29 @@ class TaskClient:
         if self._reply_ready.is_set():
             return True, ""
         return False, self._last_error or "not connected to the broker yet"
+
+    def consumers(self, wait: float = 0.0) -> int | None:
+        """Consumers of the prediction queue at the last check, None if unknown or stale."""
+        self._ensure_started()
+        self._consumers_seen.wait(wait)
+        seen = self._consumers
+        if seen is None or time.monotonic() - seen[0] > 3 * CONSUMERS_EVERY + 1:
+            return None
+        return seen[1]
+
+    def fleet(self, wait: float = 0.0) -> list[dict[str, Any]]:
+        """The latest unexpired status of every worker (waits up to ``wait`` for a first one)."""
+        self._ensure_started()
+        if not self._fleet_seen.is_set() and self._reply_ready.is_set():
+            # Just subscribed: every worker reports within a status interval.
+            left = self._fleet_since + self.settings.status_interval + 0.5 - time.monotonic()
+            self._fleet_seen.wait(max(0.0, min(wait, left)))
+        now = time.monotonic()
+        with self._lock:
+            for worker in [w for w, (t, s) in self._fleet.items() if now - t > s["ttl"]]:
+                del self._fleet[worker]
+            items = list(self._fleet.values())
+        return [{**status, "seen_seconds_ago": round(now - t, 1)} for t, status in items]
 
     # --- batcher thread: publishing -----------------------------------------------------------
 
@@ -250,19 +296,27 @@ class TaskClient:
                 conn.connect()
                 name = f"modelserve.reply.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
                 reply_queue = Queue(name, exclusive=True, auto_delete=True, durable=False)
-                consumer = Consumer(
-                    conn.channel(), queues=[reply_queue], no_ack=True, on_message=self._on_reply
-                )
+                channel = conn.channel()
+                consumer = Consumer(channel, queues=[reply_queue], no_ack=True, on_message=self._on_reply)
                 consumer.consume()
+                statuses = status_queue(self.settings.task_queue, name.replace(".reply.", ".status.", 1))
+                Consumer(channel, queues=[statuses], no_ack=True, on_message=self._on_status).consume()
+                self._fleet_since = time.monotonic()
                 self._reply_to = name
                 self._reply_ready.set()
                 backoff = 0.2
+                probe, next_probe = None, 0.0
                 while not self._stop.is_set():
                     with contextlib.suppress(TimeoutError):
                         conn.drain_events(timeout=0.25)
                     self._sweep()
+                    if self._recount or time.monotonic() >= next_probe:
+                        self._recount = False
+                        next_probe = time.monotonic() + CONSUMERS_EVERY
+                        probe = self._count_consumers(conn, probe)
             except Exception as exc:
                 self._reply_ready.clear()
+                self._consumers = None
                 self._last_error = f"{type(exc).__name__}: {exc}"
                 self._last_failure = time.monotonic()
                 log.warning("reply consumer lost the broker: %s", self._last_error)
@@ -272,6 +326,36 @@ class TaskClient:
             finally:
                 with contextlib.suppress(Exception):
                     conn.release()
+
+    def _count_consumers(self, conn: Connection, probe: Any) -> Any:
+        """Passive declare on its own channel (a missing queue closes the channel it was asked on)."""
+        try:
+            probe = probe or conn.channel()
+            count = probe.queue_declare(queue=self.settings.task_queue, passive=True).consumer_count
+        except conn.channel_errors:
+            count, probe = 0, None  # no such queue yet: nobody consumes it
+        self._consumers = (time.monotonic(), int(count))
+        self._consumers_seen.set()
+        return probe
+
+    def _on_status(self, message) -> None:
+        try:
+            status = json.loads(message.body)
+            worker, state = str(status["worker"])[:200], status["state"]
+            ttl = min(max(float(status.get("ttl", 10)), 1.0), 300.0)
+        except (TypeError, ValueError, KeyError):
+            return
+        if state not in STATUS_STATES:
+            return
+        with self._lock:
+            before = self._fleet.get(worker, (0.0, {}))[1].get("consuming")
+            if state == "stopped":
+                self._fleet.pop(worker, None)
+            elif worker in self._fleet or len(self._fleet) < MAX_FLEET:
+                self._fleet[worker] = (time.monotonic(), {**status, "worker": worker, "ttl": ttl})
+        if state == "stopped" or before != status.get("consuming"):
+            self._recount = True
+        self._fleet_seen.set()
 
     def _on_reply(self, message) -> None:
         try:

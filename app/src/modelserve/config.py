@@ -100,6 +100,7 @@ class Settings:
     worker_prefetch: int
     access_log: bool
     model_name: str
+    status_interval: float
 
     def describe(self) -> dict[str, object]:
         """Settings safe to log: the broker password is masked."""
@@ -172,4 +173,5 @@ def load_settings(environ: Mapping[str, str] | None = None, *, require_broker: b
         worker_prefetch=_int(values, "MODELSERVE_WORKER_PREFETCH", 4),
         access_log=_bool(values, "MODELSERVE_ACCESS_LOG", False),
         model_name=values.get("MODELSERVE_MODEL_NAME", "") or "pima-diabetes",  # the /v2 model name
+        status_interval=_float(values, "MODELSERVE_STATUS_INTERVAL", 2.0, minimum=0.2),
     )

@@ -2,6 +2,10 @@
 
 Each gunicorn worker process keeps its own counters; every sample carries a ``pid`` label so a
 scrape through the load-balanced port never mixes processes silently. Sum by job in PromQL.
+
+Label values come from closed sets, never verbatim from a client: an HTTP method outside
+:data:`HTTP_METHODS` is counted as ``other`` and a path no route matched as ``unmatched``, so no
+request can add a series (memory stays bounded whatever clients send).
 """
 
 from __future__ import annotations
@@ -13,6 +17,13 @@ from collections.abc import Sequence
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+WORKER_STATES = ("serving", "no_model")
+
+
+def method_label(method: str) -> str:
+    """The ``method`` label: a standard method as is, anything else one value."""
+    return method if method in HTTP_METHODS else "other"
 
 
 def _escape(value: str) -> str:
@@ -131,6 +142,15 @@ class Metrics:
         self.unavailable = Counter(
             "modelserve_unavailable_total", "Requests answered 503 by reason", ("reason",)
         )
+        self.queue_consumers = Gauge(
+            "modelserve_queue_consumers",
+            "Consumers of the prediction queue at the last check (-1: unknown); readiness needs >= 1",
+        )
+        self.fleet_workers = Gauge(
+            "modelserve_fleet_workers",
+            "Workers whose status this process received, by state (serving, no_model)",
+            ("state",),
+        )
 
     def render(self) -> str:
         lines: list[str] = []
@@ -141,6 +161,8 @@ class Metrics:
             self.batch_rows,
             self.predictions,
             self.unavailable,
+            self.queue_consumers,
+            self.fleet_workers,
         ):
             lines.extend(metric.render())
         return "\n".join(lines) + "\n"

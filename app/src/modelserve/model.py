@@ -83,7 +83,13 @@ class ModelHolder:
     ``get()`` is called once per task. It re-reads the symlink (one readlink) at most every
     ``check_interval`` seconds; when the target changed it loads the new release before
     swapping, so a task always gets a complete model and a bad release never replaces a good one.
+    A target that failed to load is tried again with a bounded exponential backoff (a file being
+    repaired in place is picked up without a restart); ``error`` says why the last load failed,
+    without the model directory's path (it travels in the worker's status to the front ends).
     """
+
+    RETRY_FIRST = 0.5
+    RETRY_MAX = 30.0
 
     def __init__(self, model_dir: Path, check_interval: float = 0.5) -> None:
         self.model_dir = Path(model_dir)
@@ -91,9 +97,12 @@ class ModelHolder:
         self._model: LoadedModel | None = None
         self._target: str | None = None
         self._failed_target: str | None = None
+        self._retry_at = 0.0
+        self._backoff = 0.0
         self._next_check = 0.0
         self._lock = threading.Lock()
         self.loads = 0
+        self.error: str | None = None
 
     def _readlink(self) -> str | None:
         try:
@@ -109,23 +118,40 @@ class ModelHolder:
                     self._next_check = now + self.check_interval
                     self._refresh()
         if self._model is None:
-            raise ModelUnavailable(f"no loadable release at {self.model_dir / CURRENT}")
+            raise ModelUnavailable(self.error or "no loadable release")
         return self._model
 
     def _refresh(self) -> None:
         target = self._readlink()
-        if target is None or target == self._target or target == self._failed_target:
+        if target is None:
+            if self._model is None:
+                self.error = f"no active release ({CURRENT} is missing)"
+            return
+        if target == self._target:
+            return
+        now = time.monotonic()
+        if target == self._failed_target and now < self._retry_at:
             return
         try:
             model = LoadedModel(self.model_dir / target)
         except Exception as exc:
-            self._failed_target = target
-            log.error("cannot load release %s (keeping %s): %s", target, self._target, exc)
+            first = target != self._failed_target
+            self._backoff = self.RETRY_FIRST if first else min(self._backoff * 2, self.RETRY_MAX)
+            self._failed_target, self._retry_at = target, now + self._backoff
+            self.error = f"release {Path(target).name} cannot be loaded: " + self._without_paths(exc)
+            log.error(
+                "cannot load release %s (keeping %s, next try in %.1f s): %s",
+                target, self._target, self._backoff, exc,
+            )  # fmt: skip
             return
         old = self._model.version if self._model else None
-        self._model, self._target, self._failed_target = model, target, None
+        self._model, self._target, self._failed_target, self.error = model, target, None, None
         self.loads += 1
         log.warning("model release switched: %s -> %s", old, model.version)
+
+    def _without_paths(self, exc: Exception) -> str:
+        text = str(exc).replace(str(self.model_dir.resolve()), "").replace(str(self.model_dir), "")
+        return " ".join(text.split())[:300] or type(exc).__name__
 
     @property
     def model(self) -> LoadedModel | None:

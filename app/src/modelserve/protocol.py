@@ -83,3 +83,23 @@ def task_message(name: str, args: list[Any], *, reply_to: str, task_id: str | No
     properties = {"correlation_id": task_id, "reply_to": reply_to}
     body = [args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
     return TaskMessage(task_id, headers, properties, body)
+
+
+# --- worker status: how the front ends know the fleet without Celery remote control -------------
+#
+# Every worker publishes a small JSON status to a fanout exchange named after the task queue, at
+# start, when its model or consuming state changes, and every MODELSERVE_STATUS_INTERVAL seconds;
+# each web process binds a private exclusive queue to it and keeps the latest status per worker
+# until its ``ttl`` passes. Fields: worker, state (one of STATUS_STATES), consuming, version,
+# reason (why there is no model; no paths), ttl (seconds), and the model's info when serving.
+
+STATUS_STATES = ("serving", "no_model", "stopped")
+
+
+def status_exchange(queue_name: str) -> Exchange:
+    return Exchange(f"{queue_name}.status", type="fanout", durable=False, auto_delete=False)
+
+
+def status_queue(queue_name: str, name: str) -> Queue:
+    """A web process's private queue of worker statuses (deleted with its connection)."""
+    return Queue(name, status_exchange(queue_name), exclusive=True, auto_delete=True, durable=False)

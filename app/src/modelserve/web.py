@@ -5,29 +5,53 @@ and the per-request counters) and ``page`` (the human page). They reach the proc
 task layer and metrics through :func:`services`. Imports neither TensorFlow nor LiteRT:
 predictions are computed by the Celery workers, reached through
 :class:`modelserve.client.TaskClient` (micro-batching over RabbitMQ).
+
+Every response carries an ``X-Request-Id`` (the client's, if it sent a well-formed one) and the
+security headers of :data:`SECURITY_HEADERS`. Error bodies say what the client did wrong (or that
+the service is unavailable) and hold the request id; what went wrong inside (broker addresses,
+workers, paths) goes to the log under that id, never to the client.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
+import re
 import sys
 import threading
 import time
+import uuid
+from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Protocol
 
 from flask import Blueprint, Flask, Response, current_app, g, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from modelserve import __version__
 from modelserve.client import ServiceUnavailable, TaskClient
 from modelserve.config import ConfigError, Settings, load_settings
 from modelserve.features import FEATURES, InputError, parse_json_body, validate_request
-from modelserve.metrics import Metrics
-from modelserve.protocol import TASK_MODEL_INFO
+from modelserve.metrics import WORKER_STATES, Metrics, method_label
+
+log = logging.getLogger(__name__)
+
+# The page loads its own script and stylesheet and calls the API of its own origin; nothing else.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+    "form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Opener-Policy": "same-origin",
+}
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 class TaskLayer(Protocol):
@@ -38,6 +62,10 @@ class TaskLayer(Protocol):
     def call(self, task: str, args: list[Any], timeout: float | None = None) -> Any: ...
 
     def broker_reachable(self) -> tuple[bool, str]: ...
+
+    def consumers(self, wait: float = 0.0) -> int | None: ...
+
+    def fleet(self, wait: float = 0.0) -> list[dict[str, Any]]: ...
 
 
 class Readiness:
@@ -60,30 +88,48 @@ class Readiness:
         return self._value
 
     def _probe(self) -> tuple[int, dict[str, Any]]:
-        checks: dict[str, Any] = {"broker": False, "worker": False, "model": False}
-        reasons: list[str] = []
-        ok, why = self.tasks.broker_reachable()
-        if not ok:
-            reasons.append(f"broker: {why}")
-        info: dict[str, Any] = {}
-        try:
-            info = self.tasks.call(TASK_MODEL_INFO, [], timeout=self.settings.ready_timeout)
-            checks["broker"] = checks["worker"] = True
-            reasons = []  # a worker answered through the broker: the broker is fine
-        except ServiceUnavailable as exc:
-            reasons.append(f"worker: {exc.reason}")
-        if checks["worker"]:
-            if info.get("loaded"):
-                checks["model"] = True
-            else:
-                reasons.append(f"model: {info.get('error', 'not loaded')}")
-        body: dict[str, Any] = {"ready": not reasons, "checks": checks}
-        if info.get("version"):
-            body["model_version"] = info["version"]
-        if reasons:
-            body["reasons"] = reasons
-            return 503, body
-        return 200, body
+        """Ready = connected to the broker AND the prediction queue has a consumer.
+
+        Workers consume only while they have a loadable model, so a consumer is a worker that can
+        answer; the count comes from the broker (the same for every call), not from whichever
+        worker answered a probe. Details of a broker failure go to the log, not to the body.
+        """
+        # Waits only for this process's first count (connecting included), never afterwards.
+        consumers = self.tasks.consumers(
+            wait=self.settings.ready_timeout + self.settings.broker_connect_timeout
+        )
+        broker, why = self.tasks.broker_reachable()
+        serving = bool(broker and consumers)
+        checks: dict[str, Any] = {"broker": broker, "worker": serving, "model": serving}
+        body: dict[str, Any] = {"ready": serving, "checks": checks, "consumers": consumers}
+        if not broker:
+            log.warning("readiness: broker unreachable: %s", why)
+            body["reasons"] = ["broker: not connected to the message broker"]
+        elif not consumers:
+            body["reasons"] = [
+                "worker: no worker with a loadable model consumes the prediction queue"
+                if consumers == 0
+                else "worker: consumer count unknown (no answer from the broker yet)"
+            ]
+        if version := _fleet_version(_serving(self.tasks.fleet())):
+            body["model_version"] = version
+        return (200 if serving else 503), body
+
+
+def _serving(fleet: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [w for w in fleet if w.get("state") == "serving" and w.get("version")]
+
+
+def _fleet_version(serving: list[dict[str, Any]]) -> str | None:
+    """The version most serving workers have (a tie: the one loaded last)."""
+    if not serving:
+        return None
+    count = Counter(w["version"] for w in serving)
+    latest = {
+        w["version"]: w.get("loaded_at") or ""
+        for w in sorted(serving, key=lambda w: w.get("loaded_at") or "")
+    }
+    return max(count, key=lambda v: (count[v], latest[v]))
 
 
 @dataclass(frozen=True)
@@ -111,14 +157,47 @@ def _static(name: str) -> bytes:
     return resources.files("modelserve").joinpath(name).read_bytes()
 
 
+def request_id() -> str:
+    """This request's id: the client's X-Request-Id if well-formed, else a new one."""
+    rid = g.get("request_id")
+    if rid is None:
+        incoming = request.headers.get("X-Request-Id", "")
+        rid = g.request_id = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+    return rid
+
+
+def error(message: str, status: int, headers: dict[str, str] | None = None, **extra: Any) -> Response:
+    """An error answer: what the client should know, and the request id to quote."""
+    return _json({"error": message, **extra, "request_id": request_id()}, status, headers)
+
+
+# What a client is told for each kind of ServiceUnavailable; the reason itself goes to the log.
+_UNAVAILABLE = {
+    "timeout": "no worker answered in time",
+    "broker": "the message broker is unreachable",
+    "worker": "a worker failed to compute the answer",
+}
+
+
 def _unavailable(exc: ServiceUnavailable) -> Response:
     services().metrics.unavailable.inc(exc.kind)
-    return _json({"error": f"service unavailable: {exc.reason}"}, 503, {"Retry-After": "1"})
+    log.warning("request %s: 503 (%s): %s", request_id(), exc.kind, exc.reason)
+    message = _UNAVAILABLE.get(exc.kind, "the service is unavailable")
+    return error(f"service unavailable: {message}; retry later", 503, {"Retry-After": "1"})
+
+
+def require_json() -> Response | None:
+    """``before_request`` of a JSON API: a body that is not declared JSON is refused with 415."""
+    if request.method in ("POST", "PUT", "PATCH") and not request.is_json:
+        sent = (request.mimetype or "no Content-Type")[:80]
+        return error(f"request body must be JSON: send Content-Type: application/json (got {sent})", 415)
+    return None
 
 
 # --- api: predictions and the model ------------------------------------------------------------
 
 api = Blueprint("api", __name__, url_prefix="/api/v1")
+api.before_request(require_json)
 
 
 @api.post("/predict")
@@ -128,7 +207,7 @@ def predict() -> Response:
         body = parse_json_body(request.get_data(cache=False))
         rows, single = validate_request(body, s.settings.max_batch_rows)
     except InputError as exc:
-        return _json(exc.to_json(), exc.status)
+        return _json({**exc.to_json(), "request_id": request_id()}, exc.status)
     try:
         result = s.tasks.predict(rows)
     except ServiceUnavailable as exc:
@@ -153,14 +232,34 @@ def predict() -> Response:
 
 @api.get("/model")
 def model() -> Response:
-    try:
-        info = services().tasks.call(TASK_MODEL_INFO, [])
-    except ServiceUnavailable as exc:
-        return _unavailable(exc)
-    if not info.get("loaded"):
-        return _json({"error": f"worker {info.get('worker')} has no model: {info.get('error')}"}, 503)
-    info["features"] = info.get("features") or list(FEATURES)
-    return _json(info)
+    """The fleet: every worker whose status this process holds, and the versions they serve."""
+    s = services()
+    fleet = sorted(s.tasks.fleet(wait=s.settings.ready_timeout), key=lambda w: w["worker"])
+    serving = _serving(fleet)
+    workers = [
+        {
+            k: w.get(k)
+            for k in ("worker", "state", "version", "reason", "consuming", "loaded_at", "seen_seconds_ago")
+        }
+        for w in fleet
+    ]
+    versions = dict(Counter(w["version"] for w in serving))
+    version = _fleet_version(serving)
+    if version is None:
+        return error(
+            "service unavailable: no worker has a loadable model", 503, {"Retry-After": "1"}, workers=workers
+        )
+    # The model's details from the worker that loaded that version last.
+    latest = max((w for w in serving if w["version"] == version), key=lambda w: w.get("loaded_at") or "")
+    body = {k: latest.get(k) for k in ("metrics", "trained_at", "loaded_at", "threshold")}
+    body.update(
+        version=version,
+        loaded=True,
+        features=latest.get("features") or list(FEATURES),
+        versions=versions,
+        workers=workers,
+    )
+    return _json(body)
 
 
 @api.get("/openapi.json")
@@ -176,16 +275,21 @@ ops = Blueprint("ops", __name__)
 @ops.before_app_request
 def _start_timer() -> None:
     g.t0 = time.perf_counter()
+    request_id()
 
 
 @ops.after_app_request
 def _count(response: Response) -> Response:
     metrics = services().metrics
+    # Closed label sets: the route's rule (not the path) and a known method, else one value each.
     rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
-    metrics.requests.inc(rule, request.method, str(response.status_code))
+    metrics.requests.inc(rule, method_label(request.method), str(response.status_code))
     t0 = g.get("t0")
     if t0 is not None:
         metrics.latency.observe(time.perf_counter() - t0, rule)
+    response.headers["X-Request-Id"] = request_id()
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
     return response
 
 
@@ -202,7 +306,13 @@ def readyz() -> Response:
 
 @ops.get("/metrics")
 def prometheus() -> Response:
-    return Response(services().metrics.render(), mimetype="text/plain; version=0.0.4; charset=utf-8")
+    s = services()
+    consumers = s.tasks.consumers()
+    s.metrics.queue_consumers.set(-1 if consumers is None else consumers)
+    states = Counter(w.get("state") for w in s.tasks.fleet())
+    for state in WORKER_STATES:
+        s.metrics.fleet_workers.set(states.get(state, 0), state)
+    return Response(s.metrics.render(), mimetype="text/plain; version=0.0.4; charset=utf-8")
 
 
 # --- page: the human page ----------------------------------------------------------------------
@@ -220,21 +330,27 @@ def script() -> Response:
     return Response(_static("static/app.js"), mimetype="text/javascript; charset=utf-8")
 
 
+@page.get("/static/app.css")
+def stylesheet() -> Response:
+    return Response(_static("static/app.css"), mimetype="text/css; charset=utf-8")
+
+
 # --- the app -----------------------------------------------------------------------------------
 
 
 def _http_error(exc: HTTPException) -> Response:
     status = exc.code or 500
     if status == 413:
-        body = {"error": f"request body too large (max {current_app.config['MAX_CONTENT_LENGTH']} bytes)"}
-    else:
-        body = {"error": exc.description or exc.name}
-    return _json(body, status)
+        return error(f"request body too large (max {current_app.config['MAX_CONTENT_LENGTH']} bytes)", 413)
+    response = error(exc.description or exc.name, status)
+    if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+        response.headers["Allow"] = ", ".join(exc.valid_methods)
+    return response
 
 
-def _unexpected(exc: Exception) -> Response:  # pragma: no cover - last resort, logged
-    current_app.logger.exception("unhandled error")
-    return _json({"error": "internal error"}, 500)
+def _unexpected(exc: Exception) -> Response:
+    log.exception("request %s: unhandled error", request_id())  # the details stay in the log
+    return error("internal error", 500)
 
 
 def create_app(settings: Settings | None = None, tasks: TaskLayer | None = None) -> Flask:
@@ -242,6 +358,9 @@ def create_app(settings: Settings | None = None, tasks: TaskLayer | None = None)
     metrics = Metrics()
     if tasks is None:
         tasks = TaskClient(settings, metrics)
+        # Connect now (gunicorn builds the app in each worker process, after the fork): the first
+        # /readyz of a new process then finds the broker's answer waiting instead of connecting.
+        tasks.start()
     app = Flask(__name__, static_folder=None)
     # A bound on the body too: rows * ~150 bytes of JSON each, plus slack.
     app.config["MAX_CONTENT_LENGTH"] = max(64 * 1024, settings.max_batch_rows * 400)

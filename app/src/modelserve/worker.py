@@ -8,19 +8,22 @@ on that first access. Imports only numpy + ai-edge-litert, never TensorFlow.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from celery import Celery, Task, signals
+from kombu import Connection, Producer
 
 from modelserve.config import ConfigError, Settings, load_settings
 from modelserve.model import ModelHolder, ModelUnavailable, Predictor
-from modelserve.protocol import TASK_MODEL_INFO, TASK_PREDICT, task_queue
+from modelserve.protocol import TASK_MODEL_INFO, TASK_PREDICT, status_exchange, task_queue
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +104,142 @@ def model_info(task: Task) -> dict[str, Any]:
     return info
 
 
+class Supervisor:
+    """Consumes the prediction queue only while this worker has a loadable model; tells the fleet.
+
+    Started by ``worker_ready`` in the worker's main process. A thread asks the model source every
+    check interval (a release that failed is retried with the holder's bounded backoff); while
+    there is no model, the worker's consumer of the prediction queue is cancelled in-process, so
+    RabbitMQ hands predictions only to workers that can answer them and the queue's consumer count
+    (the front ends' readiness) counts only those; it is added back once a model loads. The
+    cancel/add runs on Celery's event loop (``hub.call_soon``), the thread that owns the channel.
+    The thread also publishes this worker's status (see :mod:`modelserve.protocol`) at start, on
+    every change and every ``status_interval``: Celery's remote control (broadcast, inspect) is not
+    needed, and may be off.
+    """
+
+    def __init__(self, app: Celery, settings: Settings, source: ModelSource) -> None:
+        self.app = app
+        self.settings = settings
+        self.source = source
+        self.consuming = True  # the worker starts with --queues <task queue>
+        self.status: dict[str, Any] = {}
+        self._consumer: Any = None
+        self._pending: bool | None = None
+        self._stop = threading.Event()
+        self._conn: Connection | None = None
+        self._producer: Producer | None = None
+
+    # --- signals (main thread) ---------------------------------------------------------------
+
+    def _mine(self, sender: Any) -> bool:
+        # The signals are process-wide: only this app's worker is supervised by this app.
+        return getattr(sender, "app", None) is self.app
+
+    def on_ready(self, sender: Any = None, **_: Any) -> None:
+        if not self._mine(sender):
+            return
+        self._consumer = sender
+        status = self.check()
+        if status["state"] != "serving":
+            self._apply(False)  # before the event loop hands this worker more predictions
+        threading.Thread(target=self._run, name="modelserve-supervisor", daemon=True).start()
+
+    def on_shutdown(self, sender: Any = None, **_: Any) -> None:
+        if not self._mine(sender) or self._consumer is None:
+            return
+        self._stop.set()
+        self.publish({**self.status, "state": "stopped", "consuming": False})
+
+    # --- the model and the consumer ----------------------------------------------------------
+
+    def check(self) -> dict[str, Any]:
+        status: dict[str, Any] = {"worker": worker_id(), "consuming": self.consuming}
+        try:
+            info = self.source.get().info()
+        except ModelUnavailable as exc:
+            status.update(state="no_model", reason=str(exc))
+        else:
+            info.pop("release_dir", None)  # a path: stays on the host
+            status.update(info, state="serving")
+        return status
+
+    def _want(self, consume: bool) -> None:
+        if consume == self.consuming or self._pending == consume:
+            return
+        self._pending = consume
+        hub = getattr(self._consumer, "hub", None)
+        if hub is not None:
+            hub.call_soon(self._apply, consume)
+        else:  # no event loop (e.g. the memory transport): the consumer is driven synchronously
+            self._apply(consume)
+
+    def _apply(self, consume: bool) -> None:
+        self._pending = None
+        consumer, queue = self._consumer, self.settings.task_queue
+        if consumer is None or consume == self.consuming:
+            return
+        try:
+            if consume:
+                consumer.add_task_queue(queue)
+            else:
+                consumer.cancel_task_queue(queue)
+        except Exception as exc:  # e.g. the consumer is reconnecting: the next check tries again
+            log.warning("could not %s consuming %s: %s", "start" if consume else "stop", queue, exc)
+            return
+        self.consuming = consume
+        if consume:
+            log.warning("model loaded: consuming %s again", queue)
+        else:
+            log.error("no loadable model: stopped consuming %s until one loads", queue)
+
+    # --- the thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        interval = self.settings.status_interval
+        next_publish = 0.0
+        while not self._stop.is_set():
+            status = self.check()
+            self._want(status["state"] == "serving")
+            key = ("state", "version", "reason", "consuming")
+            changed = [status.get(k) for k in key] != [self.status.get(k) for k in key]
+            now = time.monotonic()
+            if changed or now >= next_publish:
+                if changed:
+                    log.warning("worker status: %s", {k: status.get(k) for k in key})
+                self.status = status
+                if self.publish(status):
+                    next_publish = now + interval
+            self._stop.wait(min(interval, max(0.1, self.settings.model_check_interval)))
+
+    def publish(self, status: dict[str, Any]) -> bool:
+        """One transient status message; False (and reconnect next time) when the broker failed."""
+        if not status:
+            return False
+        ttl = 3 * self.settings.status_interval + 1
+        exchange = status_exchange(self.settings.task_queue)
+        try:
+            if self._producer is None:
+                self._conn = Connection(
+                    self.settings.broker_url,
+                    connect_timeout=self.settings.broker_connect_timeout,
+                    heartbeat=0,
+                )
+                self._producer = Producer(self._conn.channel(), exchange=exchange, serializer="json")
+                exchange(self._producer.channel).declare()
+            self._producer.publish(
+                {**status, "ttl": ttl}, routing_key="", delivery_mode=1, expiration=ttl, retry=False
+            )
+            return True
+        except Exception as exc:
+            log.warning("could not publish the worker status: %s", exc)
+            self._producer = None
+            if self._conn is not None:
+                with contextlib.suppress(Exception):
+                    self._conn.release()
+            return False
+
+
 def create_celery_app(
     settings: Settings, models: Callable[[Settings], ModelSource] = serving_models
 ) -> Celery:
@@ -137,6 +276,10 @@ def create_celery_app(
     # One app per worker process: these fire in the worker (threads) or each pool child (prefork).
     signals.worker_process_init.connect(source.preload, weak=False)
     signals.worker_ready.connect(source.preload, weak=False)
+    # The main process: consume only with a model, and publish the status (prefork: its own copy).
+    app.modelserve_supervisor = supervisor = Supervisor(app, settings, source)
+    signals.worker_ready.connect(supervisor.on_ready, weak=False)
+    signals.worker_shutdown.connect(supervisor.on_shutdown, weak=False)
     return app
 
 
