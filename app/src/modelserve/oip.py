@@ -48,8 +48,7 @@ from modelserve.features import (
     parse_json_body,
     validate_row,
 )
-from modelserve.protocol import TASK_MODEL_INFO
-from modelserve.web import _json, _unavailable, services
+from modelserve.web import _fleet_version, _json, _serving, _unavailable, services
 from modelserve.wire import PackedRows
 
 INPUT = "input"
@@ -82,12 +81,14 @@ def _check_model(name: str) -> None:
         raise OIPError(f"unknown model {name!r}; this server serves {served!r}", 404)
 
 
-def _served_info() -> dict[str, Any]:
-    """What a worker says it serves; ServiceUnavailable (503) when no worker has a model."""
-    info = services().tasks.call(TASK_MODEL_INFO, [])
-    if not info.get("loaded"):
-        raise ServiceUnavailable(f"worker {info.get('worker')} has no model: {info.get('error')}", "worker")
-    return info
+def _served_version() -> str:
+    """The version the fleet serves (most workers', as /api/v1/model says); 503 when no worker
+    has a loadable model."""
+    s = services()
+    version = _fleet_version(_serving(s.tasks.fleet(wait=s.settings.ready_timeout)))
+    if not version:
+        raise ServiceUnavailable("no worker has a loadable model", "worker")
+    return version
 
 
 def _check_version(version: str | None, served: str) -> None:
@@ -123,7 +124,7 @@ def ready() -> Response:
 
 def _metadata(name: str, version: str | None) -> dict[str, Any]:
     _check_model(name)
-    served = _served_info()["version"]
+    served = _served_version()
     _check_version(version, served)
     return {
         "name": name,
