@@ -2,9 +2,12 @@
 """Benchmark the serving stack end to end, optimised vs naive, in one run (figures printed, never asserted).
 
 Starts its own private RabbitMQ node, Celery workers and gunicorn (all on 127.0.0.1), drives them
-with wrk, prints a side-by-side table, and stops everything it started. Bounded: < 5 minutes.
+with wrk, prints a side-by-side table, and stops everything it started. The optimised stack runs
+once per task queue type (default: the quorum queue, then the classic queue of before), on the same
+node, and the quorum / classic ratios are printed. Bounded: < 6 minutes.
 
     .venv/bin/python bench/bench_app.py [--duration 10] [--concurrency 32] [--batch-rows 500]
+                                        [--queue-types quorum,classic]
 """
 
 from __future__ import annotations
@@ -99,6 +102,11 @@ def main() -> int:
     parser.add_argument("--batch-concurrency", type=int, default=8)
     parser.add_argument("--workers", type=int, default=1, help="Celery worker processes (optimised)")
     parser.add_argument("--web-workers", type=int, default=2, help="gunicorn worker processes")
+    parser.add_argument(
+        "--queue-types",
+        default="quorum,classic",
+        help="task queue types to run the optimised stack with, in order (default quorum,classic)",
+    )
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     args = parser.parse_args()
@@ -109,6 +117,10 @@ def main() -> int:
         print("bench_app: rabbitmq-server not found (apt-get install rabbitmq-server)", file=sys.stderr)
         return 2
 
+    queue_types = [t.strip() for t in args.queue_types.split(",") if t.strip()]
+    if not queue_types or not set(queue_types) <= {"quorum", "classic"}:
+        print("bench_app: --queue-types takes quorum and/or classic", file=sys.stderr)
+        return 2
     started = time.monotonic()
     base = Path(tempfile.mkdtemp(prefix="modelserve-bench-"))
     model_dir = base / "models"
@@ -121,31 +133,35 @@ def main() -> int:
         print(f"starting private RabbitMQ on 127.0.0.1:{rabbit.port} ...", flush=True)
         rabbit.start()
         common = {"MODELSERVE_WEB_WORKERS": str(args.web_workers), "MODELSERVE_MAX_BATCH_ROWS": "1000"}
-        url, web, workers = start_stack(
-            base,
-            rabbit.url,
-            model_dir,
-            "bench.fast",
-            args.workers,
-            MODELSERVE_WORKER_POOL="threads",
-            **common,
-        )
-        procs += [web, *workers]
         single = lua_script(base / "single.lua", {"row": ROW})
         batch = lua_script(base / "batch.lua", {"rows": [ROW] * args.batch_rows})
-        requests.post(url + "/api/v1/predict", json={"row": ROW}, timeout=10).raise_for_status()
-        run_wrk(url + "/api/v1/predict", single, args.concurrency, 2)  # warm-up
-        print(f"optimised: single rows, {args.concurrency} clients, {args.duration}s ...", flush=True)
-        results["optimised single-row"] = run_wrk(
-            url + "/api/v1/predict", single, args.concurrency, args.duration
-        )
-        print(f"optimised: {args.batch_rows}-row batches, {args.batch_concurrency} clients ...", flush=True)
-        r = run_wrk(url + "/api/v1/predict", batch, args.batch_concurrency, args.duration)
-        r["predictions_per_s"] = r["rps"] * args.batch_rows
-        results[f"optimised batch x{args.batch_rows}"] = r
-        metrics = requests.get(url + "/metrics", timeout=5).text
-        for proc in (web, *workers):
-            devstack.stop_process(proc, timeout=3, sig=signal.SIGINT if proc is web else signal.SIGQUIT)
+        metrics = ""
+        for queue_type in queue_types:
+            url, web, workers = start_stack(
+                base,
+                rabbit.url,
+                model_dir,
+                f"bench.{queue_type}",
+                args.workers,
+                MODELSERVE_WORKER_POOL="threads",
+                MODELSERVE_TASK_QUEUE_TYPE=queue_type,
+                **common,
+            )
+            procs += [web, *workers]
+            requests.post(url + "/api/v1/predict", json={"row": ROW}, timeout=10).raise_for_status()
+            run_wrk(url + "/api/v1/predict", single, args.concurrency, 2)  # warm-up
+            print(f"{queue_type}: single rows, {args.concurrency} clients, {args.duration}s ...", flush=True)
+            results[f"{queue_type} single-row"] = run_wrk(
+                url + "/api/v1/predict", single, args.concurrency, args.duration
+            )
+            what = f"{args.batch_rows}-row batches, {args.batch_concurrency} clients"
+            print(f"{queue_type}: {what} ...", flush=True)
+            r = run_wrk(url + "/api/v1/predict", batch, args.batch_concurrency, args.duration)
+            r["predictions_per_s"] = r["rps"] * args.batch_rows
+            results[f"{queue_type} batch x{args.batch_rows}"] = r
+            metrics += requests.get(url + "/metrics", timeout=5).text
+            for proc in (web, *workers):
+                devstack.stop_process(proc, timeout=3, sig=signal.SIGINT if proc is web else signal.SIGQUIT)
 
         if not args.skip_naive:
             # The same web with micro-batching off (one task per request, none held back) in front
@@ -185,13 +201,22 @@ def main() -> int:
         print(
             f"{name:<26}{r['rps']:>10.1f}{r['p50']:>10.1f}{r['p99']:>10.1f}{preds:>12.0f}{r['non2xx']:>9}{r['requests']:>10}"
         )
+    first = f"{queue_types[0]} single-row"
     if "naive single-row" in results and results["naive single-row"]["rps"] > 0:
-        ratio = results["optimised single-row"]["rps"] / results["naive single-row"]["rps"]
-        print(f"\noptimised / naive (single rows, same run): {ratio:.0f}x")
+        ratio = results[first]["rps"] / results["naive single-row"]["rps"]
+        print(f"\noptimised ({queue_types[0]}) / naive (single rows, same run): {ratio:.0f}x")
+    if {"quorum single-row", "classic single-row"} <= set(results):
+        q, c = results["quorum single-row"], results["classic single-row"]
+        qb, cb = results[f"quorum batch x{args.batch_rows}"], results[f"classic batch x{args.batch_rows}"]
+        print(
+            f"quorum / classic (same run): single-row req/s {q['rps'] / c['rps']:.1%}, "
+            f"p99 {q['p99']:.1f} vs {c['p99']:.1f} ms; batched pred/s "
+            f"{qb['predictions_per_s'] / cb['predictions_per_s']:.1%}"
+        )
     if tasks:
         print(
             f"micro-batching: {rows_sum / tasks:.1f} rows per Celery task on average "
-            "over both optimised runs (web /metrics)"
+            "over the optimised runs (web /metrics)"
         )
     for name, r in results.items():
         if r["socket_errors"]:
