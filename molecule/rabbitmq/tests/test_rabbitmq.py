@@ -31,8 +31,9 @@ def broker(name):
 
 
 def sha256_of(host, path):
+    """Of the secret in a file without surrounding whitespace (Erlang ignores a trailing newline)."""
     with host.sudo():
-        return host.check_output(f"sha256sum {path}").split()[0]
+        return hashlib.sha256(host.file(path).content_string.strip().encode()).hexdigest()
 
 
 def address_of(host):
