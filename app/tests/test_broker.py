@@ -3,6 +3,7 @@ over several broker URLs, heartbeats on the web's connections."""
 
 from __future__ import annotations
 
+import secrets
 import time
 
 import ms_devstack as devstack
@@ -10,7 +11,13 @@ import pytest
 import requests
 from kombu import Connection
 from modelserve.config import load_settings
-from modelserve.protocol import dead_letter_queue, settings_task_queue, task_message, task_producer
+from modelserve.protocol import (
+    dead_letter_queue,
+    settings_task_queue,
+    task_message,
+    task_producer,
+    task_queue,
+)
 from ms_poison import POISON
 from ms_support import requires_rabbitmq
 
@@ -115,3 +122,23 @@ def test_idle_connections_keep_their_heartbeats(make_stack, rabbitmq):
     # the web's publishing and reply connections, and the worker's, negotiated 1 s
     assert timeouts.count(1) >= 3, (out, stack.logs())
     assert "broker failed" not in stack.logs() and "lost the broker" not in stack.logs()
+
+
+def test_an_unused_classic_queue_of_the_same_name_is_replaced(make_stack, rabbitmq):
+    """Upgrading: the classic queue of before is deleted once unused, and declared as a quorum queue."""
+    name = f"modelserve.test.{secrets.token_hex(4)}"
+    with Connection(rabbitmq.url, connect_timeout=5) as conn:
+        task_queue(name)(conn.default_channel).declare()  # what the previous version declared
+    assert queue_types(rabbitmq)[name] == "classic"
+    stack = make_stack(workers=1, MODELSERVE_TASK_QUEUE=name)
+    # The first worker deletes it and exits (Celery deems a 406 unrecoverable); systemd's
+    # Restart=always starts it again, as the second worker here, and it declares the quorum queue.
+    first = stack.workers[0]
+    deadline = time.monotonic() + 60
+    while first.poll() is None:
+        assert time.monotonic() < deadline, stack.logs()
+        time.sleep(0.5)
+    stack.start_worker()
+    stack.wait_ready(60)
+    assert requests.post(f"{stack.url}/api/v1/predict", json={"row": ROW}, timeout=15).status_code == 200
+    assert queue_types(rabbitmq)[name] == "quorum"

@@ -9,12 +9,16 @@ is :mod:`modelserve.wire`.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import socket
 import uuid
 from typing import Any, NamedTuple
 
 from kombu import Exchange, Producer, Queue, binding
+
+log = logging.getLogger(__name__)
 
 TASK_PREDICT = "modelserve.predict"
 TASK_MODEL_INFO = "modelserve.model_info"
@@ -32,14 +36,38 @@ def task_exchange(queue_name: str) -> Exchange:
 
 
 class TaskQueue(Queue):
-    """A kombu Queue that declares its dead-letter queue first, wherever it is declared (web, workers)."""
+    """A kombu Queue that declares its dead-letter queue first, wherever it is declared (web, workers).
+
+    Upgrading from the classic queue of the same name (or changing the delivery limit): RabbitMQ
+    refuses to redeclare a queue with other arguments (406 PRECONDITION_FAILED, "inequivalent
+    arg"). Then the old queue is deleted once no consumer is left on it (the old workers stopped; it
+    only holds tasks younger than their TTL) and the error is raised: the caller's retry (the web's
+    next connection, Celery's reconnect) declares the queue anew.
+    """
 
     attrs = (*Queue.attrs, ("dead_letter", None))
 
     def declare(self, nowait: bool = False, channel: Any = None) -> str:
+        channel = channel or self.channel
         if self.dead_letter is not None:
-            self.dead_letter.bind(channel or self.channel).declare(nowait=nowait)
-        return super().declare(nowait=nowait, channel=channel)
+            self.dead_letter.bind(channel).declare(nowait=nowait)
+        try:
+            return super().declare(nowait=nowait, channel=channel)
+        except Exception as exc:
+            if getattr(exc, "reply_code", None) == 406 and "inequivalent arg" in str(exc):
+                self._delete_unused_queue(channel)
+            raise
+
+    def _delete_unused_queue(self, channel: Any) -> None:
+        # The 406 closed the channel: a new one on the same connection.
+        with contextlib.suppress(Exception):
+            other = channel.connection.channel()
+            try:
+                other.queue_delete(self.name, if_unused=True)
+                log.warning("deleted the unused queue %s (other arguments), to declare it again", self.name)
+            finally:
+                with contextlib.suppress(Exception):
+                    other.close()
 
 
 def dead_letter_queue(queue_name: str, queue_type: str = "quorum") -> Queue:
