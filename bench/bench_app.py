@@ -2,9 +2,12 @@
 """Benchmark the serving stack end to end, optimised vs naive, in one run (figures printed, never asserted).
 
 Starts its own private RabbitMQ node, Celery workers and gunicorn (all on 127.0.0.1), drives them
-with wrk, prints a side-by-side table, and stops everything it started. Bounded: < 5 minutes.
+with wrk, prints a side-by-side table, and stops everything it started. The optimised stack runs
+once per task queue type (default: the quorum queue, then the classic queue of before), on the same
+node, and the quorum / classic ratios are printed. Bounded: < 6 minutes.
 
-    .venv/bin/python bench/bench_app.py [--duration 10] [--concurrency 32] [--batch-rows 500] [--ab-rounds 2]
+    .venv/bin/python bench/bench_app.py [--duration 10] [--concurrency 32] [--batch-rows 500]
+                                        [--queue-types quorum,classic] [--ab-rounds 2]
 """
 
 from __future__ import annotations
@@ -160,6 +163,11 @@ def main() -> int:
     parser.add_argument("--ab-rounds", type=int, default=2, help="alternating JSON / OIP binary batch rounds")
     parser.add_argument("--workers", type=int, default=1, help="Celery worker processes (optimised)")
     parser.add_argument("--web-workers", type=int, default=2, help="gunicorn worker processes")
+    parser.add_argument(
+        "--queue-types",
+        default="quorum,classic",
+        help="task queue types to run the optimised stack with, in order (default quorum,classic)",
+    )
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     args = parser.parse_args()
@@ -170,6 +178,10 @@ def main() -> int:
         print("bench_app: rabbitmq-server not found (apt-get install rabbitmq-server)", file=sys.stderr)
         return 2
 
+    queue_types = [t.strip() for t in args.queue_types.split(",") if t.strip()]
+    if not queue_types or not set(queue_types) <= {"quorum", "classic"}:
+        print("bench_app: --queue-types takes quorum and/or classic", file=sys.stderr)
+        return 2
     started = time.monotonic()
     base = Path(tempfile.mkdtemp(prefix="modelserve-bench-"))
     model_dir = base / "models"
@@ -182,53 +194,56 @@ def main() -> int:
         print(f"starting private RabbitMQ on 127.0.0.1:{rabbit.port} ...", flush=True)
         rabbit.start()
         common = {"MODELSERVE_WEB_WORKERS": str(args.web_workers), "MODELSERVE_MAX_BATCH_ROWS": "1000"}
-        url, web, workers = start_stack(
-            base,
-            rabbit.url,
-            model_dir,
-            "bench.fast",
-            args.workers,
-            MODELSERVE_WORKER_POOL="threads",
-            **common,
-        )
-        procs += [web, *workers]
         single = lua_script(base / "single.lua", {"row": ROW})
         batch = lua_script(base / "batch.lua", {"rows": [ROW] * args.batch_rows})
-        requests.post(url + "/api/v1/predict", json={"row": ROW}, timeout=10).raise_for_status()
-        run_wrk(url + "/api/v1/predict", single, args.concurrency, 2)  # warm-up
-        print(f"optimised: single rows, {args.concurrency} clients, {args.duration}s ...", flush=True)
-        results["optimised single-row"] = run_wrk(
-            url + "/api/v1/predict", single, args.concurrency, args.duration
-        )
-        # /api/v1 JSON batches, and the same rows through the Open Inference Protocol, binary in and
-        # out (no JSON numbers), in alternating rounds: load from elsewhere on the machine then
-        # weighs on both alike.
+        metrics = ""
         oip = oip_binary_script(base / "oip.lua", [ROW] * args.batch_rows)
-        runs: dict[str, list[dict]] = {
-            f"optimised batch x{args.batch_rows}": [],
-            f"OIP binary x{args.batch_rows}": [],
-        }
-        targets = list(
-            zip(
-                runs,
-                [(url + "/api/v1/predict", batch), (url + "/v2/models/pima-diabetes/infer", oip)],
-                strict=True,
+        for queue_type in queue_types:
+            url, web, workers = start_stack(
+                base,
+                rabbit.url,
+                model_dir,
+                f"bench.{queue_type}",
+                args.workers,
+                MODELSERVE_WORKER_POOL="threads",
+                MODELSERVE_TASK_QUEUE_TYPE=queue_type,
+                **common,
             )
-        )
-        pids = {"web": [web.pid], "worker": [p.pid for p in workers], "broker": [rabbit.proc.pid]}
-        for i in range(args.ab_rounds):
-            for name, (target, script) in targets:
-                print(f"optimised: {name}, {args.batch_concurrency} clients, round {i + 1} ...", flush=True)
-                before = cpu_seconds(pids)
-                r = run_wrk(target, script, args.batch_concurrency, args.duration)
-                after = cpu_seconds(pids)
-                r["cpu"] = {k: after[k] - before[k] for k in after}
-                runs[name].append(r)
-        for name, rounds in runs.items():
-            results[name] = merge_runs(rounds, args.batch_rows)
-        metrics = requests.get(url + "/metrics", timeout=5).text
-        for proc in (web, *workers):
-            devstack.stop_process(proc, timeout=3, sig=signal.SIGINT if proc is web else signal.SIGQUIT)
+            procs += [web, *workers]
+            requests.post(url + "/api/v1/predict", json={"row": ROW}, timeout=10).raise_for_status()
+            run_wrk(url + "/api/v1/predict", single, args.concurrency, 2)  # warm-up
+            print(f"{queue_type}: single rows, {args.concurrency} clients, {args.duration}s ...", flush=True)
+            results[f"{queue_type} single-row"] = run_wrk(
+                url + "/api/v1/predict", single, args.concurrency, args.duration
+            )
+            # /api/v1 JSON batches, and the same rows through the Open Inference Protocol, binary in
+            # and out (no JSON numbers), in alternating rounds: load from elsewhere on the machine
+            # then weighs on both alike.
+            runs: dict[str, list[dict]] = {
+                f"{queue_type} batch x{args.batch_rows}": [],
+                f"{queue_type} OIP binary x{args.batch_rows}": [],
+            }
+            targets = list(
+                zip(
+                    runs,
+                    [(url + "/api/v1/predict", batch), (url + "/v2/models/pima-diabetes/infer", oip)],
+                    strict=True,
+                )
+            )
+            pids = {"web": [web.pid], "worker": [p.pid for p in workers], "broker": [rabbit.proc.pid]}
+            for i in range(args.ab_rounds):
+                for name, (target, script) in targets:
+                    print(f"{name}, {args.batch_concurrency} clients, round {i + 1} ...", flush=True)
+                    before = cpu_seconds(pids)
+                    r = run_wrk(target, script, args.batch_concurrency, args.duration)
+                    after = cpu_seconds(pids)
+                    r["cpu"] = {k: after[k] - before[k] for k in after}
+                    runs[name].append(r)
+            for name, rounds in runs.items():
+                results[name] = merge_runs(rounds, args.batch_rows)
+            metrics += requests.get(url + "/metrics", timeout=5).text
+            for proc in (web, *workers):
+                devstack.stop_process(proc, timeout=3, sig=signal.SIGINT if proc is web else signal.SIGQUIT)
 
         if not args.skip_naive:
             # The same web with micro-batching off (one task per request, none held back) in front
@@ -268,16 +283,26 @@ def main() -> int:
         print(
             f"{name:<26}{r['rps']:>10.1f}{r['p50']:>10.1f}{r['p99']:>10.1f}{preds:>12.0f}{r['non2xx']:>9}{r['requests']:>10}"
         )
+    first = f"{queue_types[0]} single-row"
     if "naive single-row" in results and results["naive single-row"]["rps"] > 0:
-        ratio = results["optimised single-row"]["rps"] / results["naive single-row"]["rps"]
-        print(f"\noptimised / naive (single rows, same run): {ratio:.0f}x")
-    json_batch, oip_batch = (
-        results[f"optimised batch x{args.batch_rows}"],
-        results[f"OIP binary x{args.batch_rows}"],
-    )
-    if json_batch["rps"] > 0:
+        ratio = results[first]["rps"] / results["naive single-row"]["rps"]
+        print(f"\noptimised ({queue_types[0]}) / naive (single rows, same run): {ratio:.0f}x")
+    if {"quorum single-row", "classic single-row"} <= set(results):
+        q, c = results["quorum single-row"], results["classic single-row"]
+        qb, cb = results[f"quorum batch x{args.batch_rows}"], results[f"classic batch x{args.batch_rows}"]
         print(
-            f"\nOIP binary / /api/v1 JSON ({args.batch_rows}-row batches, same rows, same run): "
+            f"quorum / classic (same run): single-row req/s {q['rps'] / c['rps']:.1%}, "
+            f"p99 {q['p99']:.1f} vs {c['p99']:.1f} ms; batched pred/s "
+            f"{qb['predictions_per_s'] / cb['predictions_per_s']:.1%}"
+        )
+    for queue_type in queue_types:
+        json_name = f"{queue_type} batch x{args.batch_rows}"
+        oip_name = f"{queue_type} OIP binary x{args.batch_rows}"
+        json_batch, oip_batch = results[json_name], results[oip_name]
+        if not json_batch["rps"]:
+            continue
+        print(
+            f"\n{queue_type}: OIP binary / /api/v1 JSON ({args.batch_rows}-row batches, same rows and run): "
             f"{oip_batch['predictions_per_s']:.0f} / {json_batch['predictions_per_s']:.0f} predictions/s = "
             f"{oip_batch['rps'] / json_batch['rps']:.2f}x; per round: "
             + ", ".join(
@@ -287,11 +312,11 @@ def main() -> int:
             )
         )
         print(f"CPU ms per {args.batch_rows}-row request, by component (what the 2 cores were spent on):")
-        print(f"  {'mode':<24}" + "".join(f"{k:>9}" for k in (*json_batch["cpu"], "total")))
-        for name in (f"optimised batch x{args.batch_rows}", f"OIP binary x{args.batch_rows}"):
+        print(f"  {'mode':<32}" + "".join(f"{k:>9}" for k in (*json_batch["cpu"], "total")))
+        for name in (json_name, oip_name):
             r = results[name]
             per = [v * 1000 / max(1, r["requests"]) for v in r["cpu"].values()]
-            print(f"  {name:<24}" + "".join(f"{v:>9.2f}" for v in (*per, sum(per))))
+            print(f"  {name:<32}" + "".join(f"{v:>9.2f}" for v in (*per, sum(per))))
     if tasks:
         print(
             f"micro-batching: {rows_sum / tasks:.1f} rows per Celery task on average "

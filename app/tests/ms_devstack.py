@@ -190,6 +190,11 @@ def start_naive_worker(env: dict[str, str], log: Path, *extra: str) -> subproces
     return _start("ms_naive", env, log, *extra)
 
 
+def start_poison_worker(env: dict[str, str], log: Path, *extra: str) -> subprocess.Popen:
+    """The production worker plus a task that always hands its message back (ms_poison)."""
+    return _start("ms_poison", env, log, *extra)
+
+
 def start_web(env: dict[str, str], log: Path, *extra: str) -> subprocess.Popen:
     return _start("modelserve.web", env, log, *extra)
 

@@ -33,7 +33,12 @@ def _receive(conn: Connection, queue_name: str):
 @pytest.fixture
 def celery_app():
     queue = f"contract.{uuid.uuid4().hex[:8]}"
-    return create_celery_app(make_settings(MODELSERVE_BROKER_URL="memory://", MODELSERVE_TASK_QUEUE=queue))
+    # The in-memory transport knows neither queue types nor headers exchanges (the dead-letter
+    # queue's): the messages are the same whatever the queue type.
+    settings = make_settings(
+        MODELSERVE_BROKER_URL="memory://", MODELSERVE_TASK_QUEUE=queue, MODELSERVE_TASK_QUEUE_TYPE="classic"
+    )
+    return create_celery_app(settings)
 
 
 @pytest.mark.parametrize(("name", "args"), [(TASK_PREDICT, [pack_rows(ROWS)]), (TASK_MODEL_INFO, [])])

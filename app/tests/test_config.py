@@ -61,6 +61,10 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
         ("MODELSERVE_ACCESS_LOG", "maybe"),
         ("MODELSERVE_WORKER_POOL", "gevent"),
         ("MODELSERVE_WORKER_POOL", "solo"),
+        ("MODELSERVE_TASK_QUEUE_TYPE", "stream"),
+        ("MODELSERVE_TASK_DELIVERY_LIMIT", "0"),
+        ("MODELSERVE_BROKER_HEARTBEAT", "-1"),
+        ("MODELSERVE_WORKER_REMOTE_CONTROL", "sometimes"),
     ],
 )
 def test_malformed_values_are_rejected(key, value):
@@ -77,3 +81,46 @@ def test_describe_masks_the_password():
     s = load_settings({"MODELSERVE_BROKER_URL": URL})
     assert "s3cret" not in str(s.describe())
     assert mask_url(URL) == "amqp://svc:***@broker.internal:5672/modelserve"
+
+
+def test_broker_settings_defaults():
+    s = load_settings({"MODELSERVE_BROKER_URL": URL})
+    assert s.broker_urls == [URL]
+    assert s.task_queue_type == "quorum"
+    assert s.task_delivery_limit == 5
+    assert s.broker_heartbeat == 10.0
+    assert s.worker_remote_control is False
+
+
+def test_every_broker_node_is_listed_and_masked():
+    second = URL.replace("broker.internal", "broker-2.internal")
+    s = load_settings({"MODELSERVE_BROKER_URL": f" {URL} ;{second};"})
+    assert s.broker_urls == [URL, second]
+    assert s.broker_url == f"{URL};{second}"  # what Celery's broker_url takes
+    assert "s3cret" not in str(s.describe())
+    with pytest.raises(ConfigError, match="amqp://"):
+        load_settings({"MODELSERVE_BROKER_URL": f"{URL};redis://localhost"})
+
+
+def test_the_celery_app_follows_the_broker_settings():
+    from modelserve.worker import create_celery_app
+
+    second = URL.replace("broker.internal", "broker-2.internal")
+    app = create_celery_app(load_settings({"MODELSERVE_BROKER_URL": f"{URL};{second}"}))
+    assert app.conf.broker_url == f"{URL};{second}"
+    assert app.conf.broker_heartbeat == 10.0
+    assert app.conf.worker_enable_remote_control is False
+    (queue,) = app.conf.task_queues
+    assert queue.queue_arguments == {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": 5,
+        "x-dead-letter-exchange": "modelserve.predict.dead",
+    }
+    on = {
+        "MODELSERVE_BROKER_URL": URL,
+        "MODELSERVE_WORKER_REMOTE_CONTROL": "1",
+        "MODELSERVE_TASK_QUEUE_TYPE": "classic",
+    }
+    app = create_celery_app(load_settings(on))
+    assert app.conf.worker_enable_remote_control is True
+    assert not app.conf.task_queues[0].queue_arguments  # the classic queue of before: no arguments

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import queue
+import random
 import socket
 import threading
 import time
@@ -42,10 +43,10 @@ from modelserve.metrics import Metrics
 from modelserve.protocol import (
     STATUS_STATES,
     TASK_PREDICT,
+    settings_task_queue,
     status_queue,
     task_message,
     task_producer,
-    task_queue,
 )
 from modelserve.wire import PackedRows, pack_batch, read_answer
 
@@ -90,11 +91,57 @@ class _Pending:
         self.deadline = self.sent + timeout
 
 
+class BrokerNodes:
+    """Every broker node's URL; connections go to the next node that answers (failover).
+
+    Each web process starts at a random node, so the processes spread over the cluster, and a
+    connection lost on one node is made again from the node after it.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.urls = settings.broker_urls or [settings.broker_url]
+        self._next = random.randrange(len(self.urls))  # noqa: S311 - load spreading, not security
+
+    def connect(self) -> Connection:
+        """A connection with AMQP heartbeats to the first node that answers, each tried once."""
+        error: Exception | None = None
+        for _ in range(len(self.urls)):
+            url = self.urls[self._next]
+            self._next = (self._next + 1) % len(self.urls)
+            conn = Connection(
+                url,
+                connect_timeout=self.settings.broker_connect_timeout,
+                heartbeat=self.settings.broker_heartbeat,
+            )
+            try:
+                conn.connect()
+                return conn
+            except Exception as exc:
+                error = exc
+                with contextlib.suppress(Exception):
+                    conn.release()
+        raise error or ConnectionError("no broker URL")
+
+
+def keep_alive(conn: Connection) -> None:
+    """Read what the broker sent (its heartbeats) and send ours when due.
+
+    py-amqp counts a heartbeat as received only when the socket is read: a connection that only
+    publishes must drain it too, or it would give the broker up as dead.
+    """
+    with contextlib.suppress(TimeoutError):
+        conn.drain_events(timeout=0.001)
+    conn.heartbeat_check()
+
+
 class TaskClient:
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.max_inflight = settings.batch_max_inflight
+        # Heartbeat chores at 4 per interval (the broker allows two intervals of silence).
+        self.keepalive_interval = settings.broker_heartbeat / 4 if settings.broker_heartbeat else None
         self._pid = -1
         self._start_lock = threading.Lock()
 
@@ -123,6 +170,7 @@ class TaskClient:
             self._fleet_since = 0.0
             self._fleet_seen = threading.Event()
             self._recount = False  # a worker started or stopped consuming: count again now
+            self._nodes = BrokerNodes(self.settings)
             self._pid = os.getpid()
             threading.Thread(target=self._reply_loop, name="modelserve-replies", daemon=True).start()
             threading.Thread(target=self._batch_loop, name="modelserve-batcher", daemon=True).start()
@@ -190,8 +238,15 @@ class TaskClient:
 
     def _batch_loop(self) -> None:
         carry: deque[_Call] = deque()
+        last_keepalive = time.monotonic()
         while not self._stop.is_set():
-            first = carry.popleft() if carry else self._queue.get()
+            if self.keepalive_interval and time.monotonic() - last_keepalive >= self.keepalive_interval:
+                self._publisher_keepalive()
+                last_keepalive = time.monotonic()
+            try:
+                first = carry.popleft() if carry else self._queue.get(timeout=self.keepalive_interval)
+            except queue.Empty:
+                continue
             if first is None:
                 return
             if first.task != TASK_PREDICT:
@@ -237,19 +292,26 @@ class TaskClient:
             raise ServiceUnavailable(f"broker unreachable: {self._last_error}", "broker")
         if not self._reply_ready.wait(self.settings.broker_connect_timeout):
             raise ServiceUnavailable(f"broker unreachable: {self._last_error or 'no reply queue'}", "broker")
-        conn = Connection(
-            self.settings.broker_url, connect_timeout=self.settings.broker_connect_timeout, heartbeat=0
-        )
+        conn = None
         try:
-            conn.connect()
+            conn = self._nodes.connect()
             channel = conn.channel()
-            task_queue(self.settings.task_queue)(channel).declare()
+            settings_task_queue(self.settings)(channel).declare()
             self._producer = task_producer(channel, self.settings.task_queue)
         except Exception as exc:
             self._publisher_failed(conn, exc)
             raise ServiceUnavailable(f"broker unreachable: {self._last_error}", "broker") from None
         self._pub = conn
         return self._producer
+
+    def _publisher_keepalive(self) -> None:
+        """Heartbeats of the publishing connection, in the batcher thread that owns it."""
+        if self._pub is None:
+            return
+        try:
+            keep_alive(self._pub)
+        except Exception as exc:
+            self._publisher_failed(self._pub, exc)
 
     def _publisher_failed(self, conn: Connection | None, exc: Exception) -> None:
         self._last_failure = time.monotonic()
@@ -289,11 +351,9 @@ class TaskClient:
     def _reply_loop(self) -> None:
         backoff = 0.2
         while not self._stop.is_set():
-            conn = Connection(
-                self.settings.broker_url, connect_timeout=self.settings.broker_connect_timeout, heartbeat=0
-            )
+            conn = None
             try:
-                conn.connect()
+                conn = self._nodes.connect()
                 name = f"modelserve.reply.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
                 reply_queue = Queue(name, exclusive=True, auto_delete=True, durable=False)
                 channel = conn.channel()
@@ -309,6 +369,7 @@ class TaskClient:
                 while not self._stop.is_set():
                     with contextlib.suppress(TimeoutError):
                         conn.drain_events(timeout=0.25)
+                    conn.heartbeat_check()
                     self._sweep()
                     if self._recount or time.monotonic() >= next_probe:
                         self._recount = False
@@ -324,8 +385,9 @@ class TaskClient:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 2.0)
             finally:
-                with contextlib.suppress(Exception):
-                    conn.release()
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.release()
 
     def _count_consumers(self, conn: Connection, probe: Any) -> Any:
         """Passive declare on its own channel (a missing queue closes the channel it was asked on)."""

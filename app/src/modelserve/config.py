@@ -101,6 +101,15 @@ class Settings:
     access_log: bool
     model_name: str
     status_interval: float
+    task_queue_type: str
+    task_delivery_limit: int
+    broker_heartbeat: float
+    worker_remote_control: bool
+
+    @property
+    def broker_urls(self) -> list[str]:
+        """Every broker node's URL (MODELSERVE_BROKER_URL lists them separated by ``;``)."""
+        return split_urls(self.broker_url)
 
     def describe(self) -> dict[str, object]:
         """Settings safe to log: the broker password is masked."""
@@ -113,7 +122,13 @@ class Settings:
         return out
 
 
+def split_urls(value: str) -> list[str]:
+    return [u.strip() for u in value.split(";") if u.strip()]
+
+
 def mask_url(url: str) -> str:
+    if ";" in url:
+        return ";".join(mask_url(u) for u in split_urls(url))
     scheme, sep, rest = url.partition("://")
     if not sep or "@" not in rest:
         return url
@@ -140,8 +155,13 @@ def load_settings(environ: Mapping[str, str] | None = None, *, require_broker: b
     if require_broker:
         if not broker_url:
             raise ConfigError("MODELSERVE_BROKER_URL is not set (amqp://user:password@host:5672/vhost)")
-        if not broker_url.startswith(("amqp://", "amqps://", "pyamqp://", "memory://")):
-            raise ConfigError(f"MODELSERVE_BROKER_URL must be an amqp:// URL, got {mask_url(broker_url)}")
+        urls = split_urls(broker_url)
+        if not urls or not all(u.startswith(("amqp://", "amqps://", "pyamqp://", "memory://")) for u in urls):
+            raise ConfigError(
+                f"MODELSERVE_BROKER_URL must be amqp:// URLs (one per broker node, separated by ';'),"
+                f" got {mask_url(broker_url)}"
+            )
+        broker_url = ";".join(urls)
 
     bind = values.get("MODELSERVE_BIND", "") or "127.0.0.1:8080"
     pool = values.get("MODELSERVE_WORKER_POOL", "") or "threads"
@@ -150,6 +170,11 @@ def load_settings(environ: Mapping[str, str] | None = None, *, require_broker: b
     if pool not in ("threads", "prefork"):
         raise ConfigError(f"MODELSERVE_WORKER_POOL must be threads or prefork, got {pool!r}")
     max_batch_rows = _int(values, "MODELSERVE_MAX_BATCH_ROWS", 1000)
+    # quorum: replicated on every broker node, with a delivery limit and a dead-letter queue.
+    # classic: the single-node queue of before (no arguments), e.g. to compare or to roll back.
+    queue_type = values.get("MODELSERVE_TASK_QUEUE_TYPE", "") or "quorum"
+    if queue_type not in ("quorum", "classic"):
+        raise ConfigError(f"MODELSERVE_TASK_QUEUE_TYPE must be quorum or classic, got {queue_type!r}")
     return Settings(
         broker_url=broker_url,
         model_dir=Path(values.get("MODELSERVE_MODEL_DIR", "") or "/srv/modelserve"),
@@ -174,4 +199,8 @@ def load_settings(environ: Mapping[str, str] | None = None, *, require_broker: b
         access_log=_bool(values, "MODELSERVE_ACCESS_LOG", False),
         model_name=values.get("MODELSERVE_MODEL_NAME", "") or "pima-diabetes",  # the /v2 model name
         status_interval=_float(values, "MODELSERVE_STATUS_INTERVAL", 2.0, minimum=0.2),
+        task_queue_type=queue_type,
+        task_delivery_limit=_int(values, "MODELSERVE_TASK_DELIVERY_LIMIT", 5),
+        broker_heartbeat=_float(values, "MODELSERVE_BROKER_HEARTBEAT", 10.0),
+        worker_remote_control=_bool(values, "MODELSERVE_WORKER_REMOTE_CONTROL", False),
     )

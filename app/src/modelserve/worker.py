@@ -19,11 +19,12 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from celery import Celery, Task, signals
+from celery.worker.consumer import Consumer
 from kombu import Connection, Producer
 
 from modelserve.config import ConfigError, Settings, load_settings
 from modelserve.model import ModelHolder, ModelUnavailable, Predictor
-from modelserve.protocol import TASK_MODEL_INFO, TASK_PREDICT, status_exchange, task_queue
+from modelserve.protocol import TASK_MODEL_INFO, TASK_PREDICT, settings_task_queue, status_exchange
 
 log = logging.getLogger(__name__)
 
@@ -240,21 +241,43 @@ class Supervisor:
             return False
 
 
+class TaskConsumer(Consumer):
+    """Celery's consumer without native delayed delivery.
+
+    With a quorum queue Celery 5.5+ declares 28 ``celery_delayed_*`` quorum queues and exchanges at
+    every worker start, for countdown/ETA tasks routed through topic exchanges. Ours go through a
+    direct exchange (and only a model retry uses a countdown), so they would stay unused.
+    """
+
+    class Blueprint(Consumer.Blueprint):
+        default_steps = frozenset(Consumer.Blueprint.default_steps) - {
+            "celery.worker.consumer.delayed_delivery:DelayedDelivery"
+        }
+
+
 def create_celery_app(
     settings: Settings, models: Callable[[Settings], ModelSource] = serving_models
 ) -> Celery:
     """A Celery app with the serving tasks; ``models`` makes each process's model source."""
     app = Celery("modelserve", set_as_current=False)
     app.conf.update(
+        # Every broker node, ';'-separated: a lost connection is retried on the next one.
         broker_url=settings.broker_url or None,
+        broker_failover_strategy="round-robin",
         broker_connection_retry_on_startup=True,
-        broker_heartbeat=30,
+        # AMQP heartbeats: a silently dead broker node is noticed within two intervals.
+        broker_heartbeat=settings.broker_heartbeat,
+        # Off unless asked: whoever can publish to the broker could otherwise inspect, purge or shut
+        # down the workers with `celery control`. Nothing here uses it (readiness counts the queue's
+        # consumers; the fleet view hears the workers' status messages).
+        worker_enable_remote_control=settings.worker_remote_control,
+        worker_consumer=f"{__name__}:TaskConsumer",
         result_backend="rpc://",
         result_persistent=False,
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
-        task_queues=[task_queue(settings.task_queue)],
+        task_queues=[settings_task_queue(settings)],
         task_default_queue=settings.task_queue,
         # At-least-once: the message is acked after the task ran, and re-queued if the worker dies.
         task_acks_late=True,

@@ -1,14 +1,17 @@
-"""Behaviour of the modelserve.cluster.rabbitmq role on the Molecule broker host.
+"""Behaviour of the modelserve.cluster.rabbitmq role on the Molecule broker hosts (a 3-node cluster).
 
-The AMQP checks connect from the controller (py-amqp, in the project's venv) to the container's
-address on the Molecule docker network, i.e. the way a Celery worker on another host does.
+The AMQP checks connect from the controller (py-amqp, in the project's venv) to the containers'
+addresses on the Molecule docker network, i.e. the way a Celery worker on another host does.
 """
 
 import hashlib
 import json
+import os
+import uuid
 
 import amqp
 import pytest
+import testinfra
 
 SECRET_FILE = "/etc/rabbitmq/modelserve-app.secret"
 COOKIE_FILE = "/var/lib/rabbitmq/.erlang.cookie"
@@ -17,13 +20,31 @@ APP_USER = "modelserve"
 VHOST = "modelserve"
 AMQP_PORT = 5672
 MANAGEMENT_PORT = 15672
+BROKERS = ["rabbitmq-1", "rabbitmq-2", "rabbitmq-3"]
+NODES = sorted(f"rabbit@{name}" for name in BROKERS)
+
+
+def broker(name):
+    """Another broker of the scenario (the `host` fixture is the one under test)."""
+    inventory = os.environ["MOLECULE_INVENTORY_FILE"]
+    return testinfra.get_host(f"ansible://{name}?ansible_inventory={inventory}")
+
+
+def sha256_of(host, path):
+    """Of the secret in a file without surrounding whitespace (Erlang ignores a trailing newline)."""
+    with host.sudo():
+        return hashlib.sha256(host.file(path).content_string.strip().encode()).hexdigest()
+
+
+def address_of(host):
+    facts = host.ansible("setup", "gather_subset=network", check=False)["ansible_facts"]
+    return facts["ansible_default_ipv4"]["address"]
 
 
 @pytest.fixture(scope="module")
 def cluster_ip(host):
     """The host's default IPv4 address: the one the role binds the AMQP listener to."""
-    facts = host.ansible("setup", "gather_subset=network", check=False)["ansible_facts"]
-    return facts["ansible_default_ipv4"]["address"]
+    return address_of(host)
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +153,53 @@ def test_amqp_login_app_user_round_trip(cluster_ip, app_password):
 def test_amqp_login_refused(cluster_ip, userid, password, vhost):
     with pytest.raises(amqp.exceptions.AccessRefused):
         amqp_connect(cluster_ip, userid, password, vhost)
+
+
+def test_every_node_sees_the_whole_cluster_running(host):
+    status = rabbitmqctl_json(host, "cluster_status")
+    assert sorted(status["disk_nodes"]) == NODES
+    assert sorted(status["running_nodes"]) == NODES
+    assert status["partitions"] == {} or not status["partitions"]
+
+
+def test_partition_handling_and_message_size(host):
+    get_env = "rabbitmqctl --quiet eval 'application:get_env(rabbit, {}).'"
+    with host.sudo():
+        handling = host.check_output(get_env.format("cluster_partition_handling"))
+        size = host.check_output(get_env.format("max_message_size"))
+    assert handling.strip() == "{ok,pause_minority}"
+    assert size.strip() == "{ok,8388608}"
+
+
+def test_one_cookie_and_one_password_for_the_cluster(host):
+    # The seed's, taken by the nodes that joined (and a cluster of different cookies could not form).
+    assert sha256_of(host, COOKIE_FILE) == sha256_of(broker(BROKERS[0]), COOKIE_FILE)
+    assert sha256_of(host, SECRET_FILE) == sha256_of(broker(BROKERS[0]), SECRET_FILE)
+
+
+def test_a_quorum_queue_is_replicated_on_every_node(host, cluster_ip, app_password):
+    """Declared and published on this node, read from the next one: one queue, three members."""
+    name = f"molecule.quorum.{uuid.uuid4().hex[:8]}"
+    other = broker(BROKERS[(BROKERS.index(host.backend.get_hostname()) + 1) % len(BROKERS)])
+    conn = amqp_connect(cluster_ip, APP_USER, app_password)
+    try:
+        channel = conn.channel()
+        channel.queue_declare(name, durable=True, auto_delete=False, arguments={"x-queue-type": "quorum"})
+        channel.basic_publish(amqp.Message(b"replicated"), exchange="", routing_key=name)
+        with host.sudo():
+            status = f"rabbitmq-queues --quiet --formatter json quorum_status {name} --vhost {VHOST}"
+            members = host.check_output(status)
+        assert sorted(m["Node Name"] for m in json.loads(members)) == NODES
+        other_conn = amqp_connect(address_of(other), APP_USER, app_password)
+        try:
+            other_channel, message = other_conn.channel(), None
+            for _ in range(50):
+                message = other_channel.basic_get(name, no_ack=True)
+                if message is not None:
+                    break
+            assert message is not None and message.body == b"replicated"
+        finally:
+            other_conn.close()
+    finally:
+        conn.channel().queue_delete(name)
+        conn.close()

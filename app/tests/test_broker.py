@@ -1,0 +1,144 @@
+"""The task queue on a REAL RabbitMQ: quorum type, delivery limit and dead-letter queue, failover
+over several broker URLs, heartbeats on the web's connections."""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+import ms_devstack as devstack
+import pytest
+import requests
+from kombu import Connection
+from modelserve.config import load_settings
+from modelserve.protocol import (
+    dead_letter_queue,
+    settings_task_queue,
+    task_message,
+    task_producer,
+    task_queue,
+)
+from ms_poison import POISON
+from ms_support import requires_rabbitmq
+
+pytestmark = [pytest.mark.integration, requires_rabbitmq]
+
+ROW = [6, 148, 72, 35, 0, 33.6, 0.627, 50]
+
+
+def queue_types(rabbitmq) -> dict[str, str]:
+    out = rabbitmq.ctl("--quiet", "list_queues", "-p", rabbitmq.vhost, "name", "type", "--no-table-headers")
+    return dict(line.split("\t") for line in out.splitlines() if line.strip())
+
+
+def wait_for_message(conn: Connection, queue, timeout: float = 30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        message = queue(conn.default_channel).get(no_ack=True)
+        if message is not None:
+            return message
+        time.sleep(0.2)
+    return None
+
+
+def test_the_task_queue_is_a_quorum_queue_with_a_dead_letter_queue(make_stack, rabbitmq):
+    stack = make_stack(workers=1)
+    stack.wait_ready()
+    assert requests.post(f"{stack.url}/api/v1/predict", json={"row": ROW}, timeout=15).status_code == 200
+    name = stack.env["MODELSERVE_TASK_QUEUE"]
+    types = queue_types(rabbitmq)
+    assert types[name] == "quorum"
+    assert types[f"{name}.dead"] == "quorum"
+    # Celery's native delayed delivery (28 unused quorum queues) is left out, and with remote control
+    # off the worker has no pidbox queue anyone could send `celery control` commands to.
+    assert not [q for q in types if q.startswith("celery_delayed")], types
+    assert not [q for q in types if q.endswith(".celery.pidbox")], types
+
+
+def test_remote_control_is_there_only_when_asked(make_stack, rabbitmq):
+    make_stack(workers=1, web=False, MODELSERVE_WORKER_REMOTE_CONTROL="1")
+    deadline = time.monotonic() + 30
+    while not [q for q in queue_types(rabbitmq) if q.endswith(".celery.pidbox")]:
+        assert time.monotonic() < deadline, "no pidbox queue 30 s after the worker started"
+        time.sleep(0.5)
+
+
+def test_a_poison_message_is_parked_after_the_delivery_limit(make_stack, rabbitmq):
+    """A task that always hands its message back is delivered limit + 1 times, then parked."""
+    stack = make_stack(workers=0, web=False, MODELSERVE_TASK_DELIVERY_LIMIT="3")
+    worker = devstack.start_poison_worker(stack.env, stack.base / "poison-worker.log")
+    stack.workers.append(worker)
+    settings = load_settings(stack.env)
+    with Connection(rabbitmq.url, connect_timeout=5) as conn:
+        settings_task_queue(settings)(conn.default_channel).declare()
+        poison = task_message(POISON, [], reply_to="")
+        unknown = task_message("modelserve.no_such_task", [], reply_to="")
+        producer = task_producer(conn.default_channel, settings.task_queue)
+        for message in (poison, unknown):
+            message.publish(producer, settings.task_queue, ttl=60)
+
+        parked = {}
+        dead = dead_letter_queue(settings.task_queue)
+        deadline = time.monotonic() + 60
+        while len(parked) < 2 and time.monotonic() < deadline:
+            message = wait_for_message(conn, dead, timeout=max(0.1, deadline - time.monotonic()))
+            if message is not None:
+                parked[message.headers["id"]] = message
+        assert set(parked) == {poison.id, unknown.id}, stack.logs()
+        # The poison task: requeued by its worker until RabbitMQ stopped delivering it.
+        death = parked[poison.id].headers
+        assert death["x-first-death-reason"] == "delivery_limit"
+        assert death["x-first-death-queue"] == settings.task_queue
+        # A task no worker knows: Celery rejects it at once (no requeue), parked too.
+        assert parked[unknown.id].headers["x-first-death-reason"] == "rejected"
+        # Nothing left to redeliver, and the worker saw the poison exactly limit + 1 times.
+        time.sleep(1.0)
+        assert settings_task_queue(settings)(conn.default_channel).get(no_ack=True) is None
+        assert dead(conn.default_channel).get(no_ack=True) is None
+    log = (stack.base / "poison-worker.log").read_text(errors="replace")
+    assert log.count(f"{POISON}[{poison.id}] reject requeue=True") == 3 + 1, log[-3000:]
+
+
+def test_clients_fail_over_to_the_next_broker_url(make_stack, rabbitmq):
+    dead = f"amqp://{rabbitmq.user}:{rabbitmq.password}@127.0.0.1:{devstack.free_port()}/{rabbitmq.vhost}"
+    stack = make_stack(workers=1, broker_url=f"{dead};{rabbitmq.url}", MODELSERVE_BROKER_CONNECT_TIMEOUT="1")
+    stack.wait_ready(40)
+    for _ in range(5):  # both web processes, whichever node each starts with
+        r = requests.post(f"{stack.url}/api/v1/predict", json={"row": ROW}, timeout=15)
+        assert r.status_code == 200, (r.text, stack.logs())
+
+
+def test_idle_connections_keep_their_heartbeats(make_stack, rabbitmq):
+    """With a 1 s heartbeat the broker drops a connection silent for ~2 s: idle ones must speak."""
+    stack = make_stack(workers=1, MODELSERVE_BROKER_HEARTBEAT="1")
+    stack.wait_ready()
+    url = f"{stack.url}/api/v1/predict"
+    assert requests.post(url, json={"row": ROW}, timeout=15).status_code == 200
+    time.sleep(5)  # idle: the publishing and reply connections only exchange heartbeats
+    with requests.Session() as s:
+        assert [s.post(url, json={"row": ROW}, timeout=15).status_code for _ in range(10)] == [200] * 10
+    out = rabbitmq.ctl("--quiet", "list_connections", "timeout", "--no-table-headers")
+    timeouts = [int(t) for t in out.split()]
+    # the web's publishing and reply connections, and the worker's, negotiated 1 s
+    assert timeouts.count(1) >= 3, (out, stack.logs())
+    assert "broker failed" not in stack.logs() and "lost the broker" not in stack.logs()
+
+
+def test_an_unused_classic_queue_of_the_same_name_is_replaced(make_stack, rabbitmq):
+    """Upgrading: the classic queue of before is deleted once unused, and declared as a quorum queue."""
+    name = f"modelserve.test.{secrets.token_hex(4)}"
+    with Connection(rabbitmq.url, connect_timeout=5) as conn:
+        task_queue(name)(conn.default_channel).declare()  # what the previous version declared
+    assert queue_types(rabbitmq)[name] == "classic"
+    stack = make_stack(workers=1, MODELSERVE_TASK_QUEUE=name)
+    # The first worker deletes it and exits (Celery deems a 406 unrecoverable); systemd's
+    # Restart=always starts it again, as the second worker here, and it declares the quorum queue.
+    first = stack.workers[0]
+    deadline = time.monotonic() + 60
+    while first.poll() is None:
+        assert time.monotonic() < deadline, stack.logs()
+        time.sleep(0.5)
+    stack.start_worker()
+    stack.wait_ready(60)
+    assert requests.post(f"{stack.url}/api/v1/predict", json={"row": ROW}, timeout=15).status_code == 200
+    assert queue_types(rabbitmq)[name] == "quorum"
