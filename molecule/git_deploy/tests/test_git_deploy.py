@@ -519,10 +519,17 @@ def test_releases_are_read_only_to_the_serving_services():
     for name, unit in [(w, "modelserve-worker@1") for w in WORKERS] + [("gd-frontend", "modelserve-web")]:
         pid = host(name).run(f"systemctl show -p MainPID --value {unit}").stdout.strip()
         assert pid not in ("", "0"), (name, unit)
-        # The running service's own mount table: the model directory is mounted read-only there.
-        mounts = host(name).file(f"/proc/{pid}/mountinfo").content_string.splitlines()
-        entry = [m.split() for m in mounts if m.split()[4] == "/srv/modelserve"]
-        assert entry and entry[0][5].split(",")[0] == "ro", (name, unit, entry)
+        # The running service's own mount table: the mount the model directory lies on there (its
+        # own ReadOnlyPaths bind mount, or ProtectSystem=strict's read-only root) is read-only.
+        mounts = [m.split() for m in host(name).file(f"/proc/{pid}/mountinfo").content_string.splitlines()]
+        covering = [
+            (len(m[4]), i, m)
+            for i, m in enumerate(mounts)
+            if "/srv/modelserve/".startswith(m[4].rstrip("/") + "/")
+        ]
+        assert covering, (name, unit)
+        mount = max(covering)[2]  # the deepest mount point; of mounts stacked on it, the last
+        assert mount[5].split(",")[0] == "ro", (name, unit, mount)
     for w in WORKERS:
         current = host(w).file("/srv/modelserve/current").linked_to
         assert host(w).file(f"{current}/model.tflite").mode == 0o444
