@@ -12,6 +12,7 @@ refused meanwhile, and promote and abort switch under a steady load without one 
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import threading
@@ -637,5 +638,6 @@ def test_prod_takes_what_svt_served_long_enough_as_the_same_bytes_under_load(pro
     again = promote()  # nothing to do: the same bytes are served
     assert again.returncode == 0, again.stdout[-3000:]
     assert "prod already serves 1.7.0" in again.stdout
-    recap = [line for line in again.stdout.splitlines() if " : ok=" in line]
-    assert recap and all(" changed=0 " in line for line in recap), "\n".join(recap)
+    recap = [line for line in again.stdout.splitlines() if re.match(r"\S+ +: ok=", line)]  # not -v's
+    assert {line.split()[0] for line in recap} == {"gd-prod", "localhost"}, "\n".join(recap)
+    assert all(" changed=0 " in line for line in recap), "\n".join(recap)
