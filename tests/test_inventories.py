@@ -194,6 +194,7 @@ OPENSTACK_LOCAL_DIFFERS = {
         "openstack_vm_ssh_jump_host",
     },
     "openstack.yml": {"only_clouds", "server_filters.tags"},
+    "group_vars/all/delivery.yml": {"git_deploy_promote_from"},  # no svt stage on the local cloud
 }
 
 
