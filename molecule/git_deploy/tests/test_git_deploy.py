@@ -45,6 +45,15 @@ def served(url):
     return requests.get(f"{url}/api/v1/model", timeout=5).json()["version"]
 
 
+def served_within(url, version, seconds=10):
+    """What the front end reports once it reports `version`, or after `seconds`: its fleet view
+    follows the workers' status messages (sent on a change, checked every couple of seconds)."""
+    deadline = time.monotonic() + seconds
+    while (now := served(url)) != version and time.monotonic() < deadline:
+        time.sleep(0.25)
+    return now
+
+
 def dev(cmd):
     """Run a shell command as the data scientist in the training project."""
     return host("gd-dev").run(f"su - mlops -c {shlex.quote(f'cd {WORKDIR} && {cmd}')}")
@@ -265,7 +274,7 @@ def test_failed_activation_on_one_worker_puts_every_worker_back(url):
     assert out.rc != 0
     assert "deploy of 1.2.0 FAILED on gd-worker2: activate failed" in out.stdout, out.stdout
     assert "Permission denied" in out.stdout and "every target is back on 1.0.0" in out.stdout
-    assert served(url) == "1.0.0" and serving("1.0.0")
+    assert serving("1.0.0") and served_within(url, "1.0.0") == "1.0.0"
     assert desired()["desired"] == "1.0.0"
     log = host("gd-worker1").file("/var/log/modelserve-deploy.log").content_string
     assert "FAILED 1.2.0" in log and "gd-worker2" in log
