@@ -35,6 +35,7 @@ SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 LOAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 WORKER_STATES = ("serving", "no_model")
+ENDPOINT, TASK, VERSION = ("endpoint",), ("task",), ("model_version",)
 
 
 def method_label(method: str) -> str:
@@ -76,6 +77,18 @@ class _Registry:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
 
+    def counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+        return Counter(name, doc, labels, registry=self.registry)
+
+    def histogram(
+        self, name: str, doc: str, labels: tuple[str, ...], buckets: tuple[float, ...]
+    ) -> Histogram:
+        return Histogram(name, doc, labels, buckets=buckets, registry=self.registry)
+
+    def gauge(self, name: str, doc: str, labels: tuple[str, ...], mode: str) -> Gauge:
+        """``mode``: how the processes' values combine in multiprocess mode (prometheus_client's)."""
+        return Gauge(name, doc, labels, multiprocess_mode=mode, registry=self.registry)
+
     def scrape_registry(self) -> CollectorRegistry:
         """What a scrape reads: every process's files in multiprocess mode, else this registry."""
         if not multiproc_dir():
@@ -109,57 +122,23 @@ class Metrics(_Registry):
 
     def __init__(self) -> None:
         super().__init__()
-        r = self.registry
-        self.requests = Counter(
-            "modelserve_http_requests_total",
-            "HTTP requests by endpoint, method and status",
-            ("endpoint", "method", "status"),
-            registry=r,
+        c, h = self.counter, self.histogram
+        self.requests = c("modelserve_http_requests_total", "HTTP requests", ("endpoint", "method", "status"))
+        self.latency = h(
+            "modelserve_http_request_duration_seconds", "HTTP request latency", ENDPOINT, LATENCY_BUCKETS
         )
-        self.latency = Histogram(
-            "modelserve_http_request_duration_seconds",
-            "HTTP request latency",
-            ("endpoint",),
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        # From publishing a task to RabbitMQ to receiving its result.
+        self.roundtrip = h("modelserve_queue_roundtrip_seconds", "Task round trip", TASK, LATENCY_BUCKETS)
+        self.batch_rows = h("modelserve_batch_rows", "Rows per task sent to the workers", TASK, SIZE_BUCKETS)
+        self.predictions = c(
+            "modelserve_predictions_total", "Rows predicted, by the version that answered", VERSION
         )
-        self.roundtrip = Histogram(
-            "modelserve_queue_roundtrip_seconds",
-            "Time from publishing a task to RabbitMQ to receiving its result",
-            ("task",),
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.batch_rows = Histogram(
-            "modelserve_batch_rows",
-            "Rows per task sent to the workers",
-            ("task",),
-            buckets=SIZE_BUCKETS,
-            registry=r,
-        )
-        self.predictions = Counter(
-            "modelserve_predictions_total",
-            "Rows predicted, by the version that answered",
-            ("model_version",),
-            registry=r,
-        )
-        self.unavailable = Counter(
-            "modelserve_unavailable_total", "Requests answered 503 by reason", ("reason",), registry=r
-        )
+        self.unavailable = c("modelserve_unavailable_total", "Requests answered 503 by reason", ("reason",))
         # Set by the process that serves the scrape, from its view: the most recent value wins.
-        self.queue_consumers = Gauge(
-            "modelserve_queue_consumers",
-            "Consumers of the prediction queue at the last check (-1: unknown); readiness needs >= 1",
-            multiprocess_mode="livemostrecent",
-            registry=r,
-        )
-        self.fleet_workers = Gauge(
-            "modelserve_fleet_workers",
-            "Workers whose status the front end received, by state (serving, no_model)",
-            ("state",),
-            multiprocess_mode="livemostrecent",
-            registry=r,
-        )
+        consumers = "Consumers of the prediction queue at the last check (-1: unknown); readiness needs >= 1"
+        self.queue_consumers = self.gauge("modelserve_queue_consumers", consumers, (), "livemostrecent")
+        fleet = "Workers whose status the front end received, by state (serving, no_model)"
+        self.fleet_workers = self.gauge("modelserve_fleet_workers", fleet, ("state",), "livemostrecent")
 
 
 class _ModelAge(Collector):
@@ -182,65 +161,27 @@ class _ModelAge(Collector):
 
 
 class WorkerMetrics(_Registry):
-    """A Celery worker's: its main process serves them over HTTP (:func:`serve`), pool children
-    (prefork) write theirs to the multiprocess directory; threads share the main process's."""
+    """A Celery worker's: its main process serves them over HTTP (``worker.MetricsServer``), pool
+    children (prefork) write theirs to the multiprocess directory; threads share the main process's."""
 
     def __init__(self, served: Callable[[], tuple[str, float] | None] = lambda: None) -> None:
         super().__init__()
-        r = self.registry
-        self.inference = Histogram(
-            "modelserve_worker_inference_duration_seconds",
-            "Time the model took for one task's rows",
-            ("model_version",),
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        c, h, name = self.counter, self.histogram, "modelserve_worker_"
+        self.inference = h(
+            name + "inference_duration_seconds", "Model time of a task", VERSION, LATENCY_BUCKETS
         )
-        self.rows = Histogram(
-            "modelserve_worker_task_rows",
-            "Rows per predict task",
-            ("model_version",),
-            buckets=SIZE_BUCKETS,
-            registry=r,
-        )
-        self.load = Histogram(
-            "modelserve_worker_model_load_duration_seconds",
-            "Time to validate and load a release (one per load, per process)",
-            ("model_version",),
-            buckets=LOAD_BUCKETS,
-            registry=r,
-        )
-        self.load_failures = Counter(
-            "modelserve_worker_model_load_failures_total",
-            "Loads of a release that failed (retried with backoff)",
-            ("model_version",),
-            registry=r,
-        )
+        self.rows = h(name + "task_rows", "Rows per predict task", VERSION, SIZE_BUCKETS)
+        self.load = h(name + "model_load_duration_seconds", "Loading a release", VERSION, LOAD_BUCKETS)
+        self.load_failures = c(name + "model_load_failures_total", "Failed loads of a release", VERSION)
         # 1 while a live process of this worker holds that version; 0 once none does.
-        self.model_info = Gauge(
-            "modelserve_worker_model_info",
-            "The model version this worker serves (1), versions it served before (0)",
-            ("model_version",),
-            multiprocess_mode="livemax",
-            registry=r,
+        info = "The model version this worker serves (1), versions it served before (0)"
+        self.model_info = self.gauge(name + "model_info", info, VERSION, "livemax")
+        self.retries = c(
+            name + "task_retries_total", "Tasks retried, by reason (no_model)", (*TASK, "reason")
         )
-        self.retries = Counter(
-            "modelserve_worker_task_retries_total",
-            "Tasks this worker retried, by task and reason (no_model)",
-            ("task", "reason"),
-            registry=r,
-        )
-        self.rejected = Counter(
-            "modelserve_worker_task_rejections_total",
-            "Task messages this worker handed back to the broker, by task and whether requeued",
-            ("task", "requeue"),
-            registry=r,
-        )
-        self.dead_lettered = Counter(
-            "modelserve_worker_tasks_dead_lettered_total",
-            "Task messages this worker's rejection made the broker dead-letter (quorum queue), by reason",
-            ("task", "reason"),
-            registry=r,
-        )
+        self.rejected = c(name + "task_rejections_total", "Task messages handed back", (*TASK, "requeue"))
+        dead = "Task messages this worker's rejection made the broker dead-letter (quorum queue)"
+        self.dead_lettered = c(name + "tasks_dead_lettered_total", dead, (*TASK, "reason"))
         # Set by the worker to its main process's model (prefork: the copy the Supervisor checks).
         self.served = served
         self._age = _ModelAge(lambda: self.served())
