@@ -22,6 +22,7 @@ from celery import Celery, Task, signals
 from celery.worker.consumer import Consumer
 from celery.worker.request import Request
 from kombu import Connection, Producer
+from prometheus_client import start_http_server
 
 from modelserve.config import ConfigError, Settings, load_settings
 from modelserve.metrics import WorkerMetrics, mark_process_dead, prepare_multiproc_dir
@@ -314,8 +315,6 @@ class MetricsServer:
         bind = self.settings.worker_metrics_bind
         if getattr(sender, "app", None) is not self.app or bind is None or self.address is not None:
             return
-        from prometheus_client import start_http_server
-
         try:
             server, _thread = start_http_server(bind[1], bind[0], registry=self.metrics.scrape_registry())
         except OSError as exc:  # predictions still work; the scrape target shows as down
