@@ -270,7 +270,7 @@ def main() -> int:
             shutil.rmtree(base, ignore_errors=True)
 
     batch_sizes = re.findall(
-        r'modelserve_batch_rows_(sum|count)\{task="modelserve.predict",pid="\d+"\} ([\d.]+)', metrics
+        r'modelserve_batch_rows_(sum|count)\{task="modelserve.predict"\} ([\d.e+]+)', metrics
     )
     rows_sum = sum(float(v) for k, v in batch_sizes if k == "sum")
     tasks = sum(float(v) for k, v in batch_sizes if k == "count")

@@ -181,22 +181,37 @@ def _start(module: str, env: dict[str, str], log: Path, *extra: str) -> subproce
     )
 
 
+def _own_metrics(env: dict[str, str], log: Path, worker: bool) -> dict[str, str]:
+    """Each process its own multiprocess directory (beside its log) and, a worker, its own port."""
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(log.with_suffix(".metrics")), **env}
+    if worker:
+        env.setdefault("MODELSERVE_WORKER_METRICS_PORT", str(free_port()))
+    return env
+
+
+def _start_worker(module: str, env: dict[str, str], log: Path, *extra: str) -> subprocess.Popen:
+    env = _own_metrics(env, log, worker=True)
+    proc = _start(module, env, log, *extra)
+    proc.metrics_url = f"http://127.0.0.1:{env['MODELSERVE_WORKER_METRICS_PORT']}/metrics"
+    return proc
+
+
 def start_worker(env: dict[str, str], log: Path, *extra: str) -> subprocess.Popen:
-    return _start("modelserve.worker", env, log, *extra)
+    return _start_worker("modelserve.worker", env, log, *extra)
 
 
 def start_naive_worker(env: dict[str, str], log: Path, *extra: str) -> subprocess.Popen:
     """The benchmark baseline (ms_naive): loads model.keras for every task; needs TensorFlow."""
-    return _start("ms_naive", env, log, *extra)
+    return _start_worker("ms_naive", env, log, *extra)
 
 
 def start_poison_worker(env: dict[str, str], log: Path, *extra: str) -> subprocess.Popen:
     """The production worker plus a task that always hands its message back (ms_poison)."""
-    return _start("ms_poison", env, log, *extra)
+    return _start_worker("ms_poison", env, log, *extra)
 
 
 def start_web(env: dict[str, str], log: Path, *extra: str) -> subprocess.Popen:
-    return _start("modelserve.web", env, log, *extra)
+    return _start("modelserve.web", _own_metrics(env, log, worker=False), log, *extra)
 
 
 def wait_http(url: str, timeout: float = 30, status: int = 200) -> None:

@@ -20,6 +20,7 @@ from modelserve.protocol import (
 )
 from ms_poison import POISON
 from ms_support import requires_rabbitmq
+from test_metrics import scrape, value
 
 pytestmark = [pytest.mark.integration, requires_rabbitmq]
 
@@ -97,6 +98,13 @@ def test_a_poison_message_is_parked_after_the_delivery_limit(make_stack, rabbitm
         assert dead(conn.default_channel).get(no_ack=True) is None
     log = (stack.base / "poison-worker.log").read_text(errors="replace")
     assert log.count(f"{POISON}[{poison.id}] reject requeue=True") == 3 + 1, log[-3000:]
+    # What the worker saw of it, on its metrics: every hand-back, and the one that got it parked.
+    metrics = scrape(worker.metrics_url)
+    assert value(metrics, "modelserve_worker_task_rejections_total", task=POISON, requeue="true") == 4
+    assert (
+        value(metrics, "modelserve_worker_tasks_dead_lettered_total", task=POISON, reason="delivery_limit")
+        == 1
+    )
 
 
 def test_clients_fail_over_to_the_next_broker_url(make_stack, rabbitmq):

@@ -65,11 +65,30 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
         ("MODELSERVE_TASK_DELIVERY_LIMIT", "0"),
         ("MODELSERVE_BROKER_HEARTBEAT", "-1"),
         ("MODELSERVE_WORKER_REMOTE_CONTROL", "sometimes"),
+        ("MODELSERVE_WORKER_METRICS_PORT", "-1"),
+        ("MODELSERVE_WORKER_METRICS_PORT", "65536"),
+        ("MODELSERVE_WORKER_INSTANCE", "0"),
     ],
 )
 def test_malformed_values_are_rejected(key, value):
     with pytest.raises(ConfigError, match=key):
         load_settings({"MODELSERVE_BROKER_URL": URL, key: value})
+
+
+def test_worker_metrics_bind_per_instance():
+    s = load_settings({"MODELSERVE_BROKER_URL": URL})
+    assert s.worker_metrics_bind == ("127.0.0.1", 9810)  # loopback unless told otherwise
+    s = load_settings(
+        {
+            "MODELSERVE_BROKER_URL": URL,
+            "MODELSERVE_WORKER_METRICS_ADDRESS": "10.0.0.5",
+            "MODELSERVE_WORKER_METRICS_PORT": "9900",
+            "MODELSERVE_WORKER_INSTANCE": "3",
+        }
+    )
+    assert s.worker_metrics_bind == ("10.0.0.5", 9902)  # instance i on port + i - 1
+    off = load_settings({"MODELSERVE_BROKER_URL": URL, "MODELSERVE_WORKER_METRICS_PORT": "0"})
+    assert off.worker_metrics_bind is None
 
 
 def test_env_file_syntax_errors_name_the_line():

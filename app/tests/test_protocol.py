@@ -87,7 +87,7 @@ def test_reply_fans_out_to_each_request_in_order(seed_release):
     assert calls[1].result["worker"] == "w:1"
     assert client._slots.acquire(blocking=False)  # the in-flight slot was given back
     client._finish("t1", answer)  # a duplicate (redelivered task) is ignored
-    assert client.metrics.roundtrip.count(TASK_PREDICT) == 1
+    assert client.metrics.sample("modelserve_queue_roundtrip_seconds_count", {"task": TASK_PREDICT}) == 1
 
 
 def test_failure_and_malformed_replies_become_503s():

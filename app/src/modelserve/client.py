@@ -344,7 +344,7 @@ class TaskClient:
             self._finish(message.id, ServiceUnavailable(f"broker unreachable: {self._last_error}", "broker"))
             return
         if task == TASK_PREDICT:
-            self.metrics.batch_rows.observe(rows, task)
+            self.metrics.batch_rows.labels(task).observe(rows)
 
     # --- reply thread --------------------------------------------------------------------------
 
@@ -445,7 +445,7 @@ class TaskClient:
             for call in pending.calls:
                 call.fail(outcome)
             return
-        self.metrics.roundtrip.observe(time.monotonic() - pending.sent, pending.task)
+        self.metrics.roundtrip.labels(pending.task).observe(time.monotonic() - pending.sent)
         if pending.task != TASK_PREDICT:
             pending.calls[0].result = outcome
             pending.calls[0].event.set()

@@ -105,6 +105,16 @@ class Settings:
     task_delivery_limit: int
     broker_heartbeat: float
     worker_remote_control: bool
+    worker_metrics_address: str
+    worker_metrics_port: int
+    worker_instance: int
+
+    @property
+    def worker_metrics_bind(self) -> tuple[str, int] | None:
+        """Where this worker serves /metrics: instance i of a host on port + i - 1; None when off."""
+        if not self.worker_metrics_port:
+            return None
+        return self.worker_metrics_address, self.worker_metrics_port + self.worker_instance - 1
 
     @property
     def broker_urls(self) -> list[str]:
@@ -175,6 +185,13 @@ def load_settings(environ: Mapping[str, str] | None = None, *, require_broker: b
     queue_type = values.get("MODELSERVE_TASK_QUEUE_TYPE", "") or "quorum"
     if queue_type not in ("quorum", "classic"):
         raise ConfigError(f"MODELSERVE_TASK_QUEUE_TYPE must be quorum or classic, got {queue_type!r}")
+    metrics_port = _int(values, "MODELSERVE_WORKER_METRICS_PORT", 9810, minimum=0)
+    instance = _int(values, "MODELSERVE_WORKER_INSTANCE", 1)
+    if metrics_port and metrics_port + instance - 1 > 65535:
+        raise ConfigError(
+            "MODELSERVE_WORKER_METRICS_PORT + MODELSERVE_WORKER_INSTANCE - 1 must be a port (<= 65535),"
+            f" got {metrics_port} + {instance} - 1"
+        )
     return Settings(
         broker_url=broker_url,
         model_dir=Path(values.get("MODELSERVE_MODEL_DIR", "") or "/srv/modelserve"),
@@ -203,4 +220,8 @@ def load_settings(environ: Mapping[str, str] | None = None, *, require_broker: b
         task_delivery_limit=_int(values, "MODELSERVE_TASK_DELIVERY_LIMIT", 5),
         broker_heartbeat=_float(values, "MODELSERVE_BROKER_HEARTBEAT", 10.0),
         worker_remote_control=_bool(values, "MODELSERVE_WORKER_REMOTE_CONTROL", False),
+        # The worker's own /metrics (0: none); the role binds it to the host's cluster address.
+        worker_metrics_address=values.get("MODELSERVE_WORKER_METRICS_ADDRESS", "") or "127.0.0.1",
+        worker_metrics_port=metrics_port,
+        worker_instance=instance,
     )

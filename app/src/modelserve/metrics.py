@@ -1,24 +1,41 @@
-"""A small Prometheus text-format registry (per process; see README "Metrics").
+"""Prometheus metrics of the web and the workers, with ``prometheus_client`` (README "Metrics").
 
-Each gunicorn worker process keeps its own counters; every sample carries a ``pid`` label so a
-scrape through the load-balanced port never mixes processes silently. Sum by job in PromQL.
+Multiprocess mode: ``modelserve-web`` and ``modelserve-worker`` set ``PROMETHEUS_MULTIPROC_DIR``
+(a private directory when the environment names none; systemd's RuntimeDirectory in the role) and
+empty it before they exec gunicorn or Celery. Every process of the service then writes its samples
+to files there and a scrape, from any process, reads them all: one view per service, without a
+``pid`` label, counters and histograms summed over the processes (dead ones included, so they never
+go backwards), gauges combined by their mode (a dead process's are dropped: gunicorn's
+``child_exit`` and Celery's ``worker_process_shutdown`` call :func:`mark_process_dead`). Without
+the variable (an app built in a test process) each :class:`Metrics` keeps its own registry.
 
 Label values come from closed sets, never verbatim from a client: an HTTP method outside
 :data:`HTTP_METHODS` is counted as ``other`` and a path no route matched as ``unmatched``, so no
-request can add a series (memory stays bounded whatever clients send).
+request can add a series (memory stays bounded whatever clients send). ``model_version`` values are
+the versions of installed releases (operator-controlled).
 """
 
 from __future__ import annotations
 
-import bisect
 import os
-import threading
-from collections.abc import Sequence
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+LOAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 WORKER_STATES = ("serving", "no_model")
+ENDPOINT, TASK, VERSION = ("endpoint",), ("task",), ("model_version",)
 
 
 def method_label(method: str) -> str:
@@ -26,143 +43,160 @@ def method_label(method: str) -> str:
     return method if method in HTTP_METHODS else "other"
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+def multiproc_dir() -> str | None:
+    return os.environ.get(MULTIPROC_ENV) or None
 
 
-def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
-    parts = [f'{n}="{_escape(str(v))}"' for n, v in zip(names, values, strict=True)]
-    if extra:
-        parts.append(extra)
-    return "{" + ",".join(parts) + "}" if parts else ""
+def prepare_multiproc_dir(service: str) -> Path:
+    """Before exec: the service's multiprocess directory, emptied (a new service, new counters).
+
+    The environment's ``PROMETHEUS_MULTIPROC_DIR`` if set, else a new private directory, which is
+    then put in the environment for the processes to come.
+    """
+    path = multiproc_dir() or tempfile.mkdtemp(prefix=f"{service}-metrics-")
+    os.environ[MULTIPROC_ENV] = path
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for entry in root.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    return root
 
 
-class _Metric:
-    kind = ""
-
-    def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> None:
-        self.name = name
-        self.help = help_text
-        self.labelnames = (*labelnames, "pid")
-        self._lock = threading.Lock()
-
-    def _key(self, labels: Sequence[str]) -> tuple[str, ...]:
-        return (*labels, str(os.getpid()))
-
-    def header(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
+def mark_process_dead(pid: int) -> None:
+    """Drop a dead process's live gauges (its counters stay in the sums)."""
+    if multiproc_dir():
+        multiprocess.mark_process_dead(pid)
 
 
-class Counter(_Metric):
-    kind = "counter"
+class _Registry:
+    """The metrics of one app: its own registry, or every process's files in multiprocess mode."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._values: dict[tuple[str, ...], float] = {}
-
-    def inc(self, *labels: str, amount: float = 1.0) -> None:
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
-
-    def value(self, *labels: str) -> float:
-        return self._values.get(self._key(labels), 0.0)
-
-    def render(self) -> list[str]:
-        with self._lock:
-            items = sorted(self._values.items())
-        return [*self.header(), *(f"{self.name}{_labels(self.labelnames, k)} {v:g}" for k, v in items)]
-
-
-class Gauge(Counter):
-    kind = "gauge"
-
-    def set(self, value: float, *labels: str) -> None:
-        with self._lock:
-            self._values[self._key(labels)] = value
-
-
-class Histogram(_Metric):
-    kind = "histogram"
-
-    def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = (), buckets=LATENCY_BUCKETS):
-        super().__init__(name, help_text, labelnames)
-        self.buckets = tuple(buckets)
-        self._values: dict[tuple[str, ...], list[float]] = {}
-
-    def observe(self, value: float, *labels: str) -> None:
-        key = self._key(labels)
-        i = bisect.bisect_left(self.buckets, value)
-        with self._lock:
-            row = self._values.get(key)
-            if row is None:
-                row = self._values[key] = [0.0] * (len(self.buckets) + 2)
-            row[i] += 1  # per-bucket count; cumulated at render time; last two: +Inf slot, sum
-            row[-1] += value
-
-    def count(self, *labels: str) -> int:
-        row = self._values.get(self._key(labels))
-        return int(sum(row[:-1])) if row else 0
-
-    def render(self) -> list[str]:
-        lines = self.header()
-        with self._lock:
-            items = sorted((k, list(v)) for k, v in self._values.items())
-        for key, row in items:
-            cumulative = 0.0
-            for bound, n in zip((*self.buckets, float("inf")), row[:-1], strict=True):
-                cumulative += n
-                le = "+Inf" if bound == float("inf") else f"{bound:g}"
-                labels = _labels(self.labelnames, key, 'le="' + le + '"')
-                lines.append(f"{self.name}_bucket{labels} {cumulative:g}")
-            lines.append(f"{self.name}_sum{_labels(self.labelnames, key)} {row[-1]:.6f}")
-            lines.append(f"{self.name}_count{_labels(self.labelnames, key)} {cumulative:g}")
-        return lines
-
-
-class Metrics:
     def __init__(self) -> None:
-        self.requests = Counter(
-            "modelserve_http_requests_total",
-            "HTTP requests by endpoint, method and status",
-            ("endpoint", "method", "status"),
-        )
-        self.latency = Histogram(
-            "modelserve_http_request_duration_seconds", "HTTP request latency", ("endpoint",)
-        )
-        self.roundtrip = Histogram(
-            "modelserve_queue_roundtrip_seconds",
-            "Time from publishing a task to RabbitMQ to receiving its result",
-            ("task",),
-        )
-        self.batch_rows = Histogram(
-            "modelserve_batch_rows", "Rows per task sent to the workers", ("task",), buckets=SIZE_BUCKETS
-        )
-        self.predictions = Counter("modelserve_predictions_total", "Rows predicted", ("model_version",))
-        self.unavailable = Counter(
-            "modelserve_unavailable_total", "Requests answered 503 by reason", ("reason",)
-        )
-        self.queue_consumers = Gauge(
-            "modelserve_queue_consumers",
-            "Consumers of the prediction queue at the last check (-1: unknown); readiness needs >= 1",
-        )
-        self.fleet_workers = Gauge(
-            "modelserve_fleet_workers",
-            "Workers whose status this process received, by state (serving, no_model)",
-            ("state",),
-        )
+        self.registry = CollectorRegistry()
 
-    def render(self) -> str:
-        lines: list[str] = []
-        for metric in (
-            self.requests,
-            self.latency,
-            self.roundtrip,
-            self.batch_rows,
-            self.predictions,
-            self.unavailable,
-            self.queue_consumers,
-            self.fleet_workers,
-        ):
-            lines.extend(metric.render())
-        return "\n".join(lines) + "\n"
+    def counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+        return Counter(name, doc, labels, registry=self.registry)
+
+    def histogram(
+        self, name: str, doc: str, labels: tuple[str, ...], buckets: tuple[float, ...]
+    ) -> Histogram:
+        return Histogram(name, doc, labels, buckets=buckets, registry=self.registry)
+
+    def gauge(self, name: str, doc: str, labels: tuple[str, ...], mode: str) -> Gauge:
+        """``mode``: how the processes' values combine in multiprocess mode (prometheus_client's)."""
+        return Gauge(name, doc, labels, multiprocess_mode=mode, registry=self.registry)
+
+    def scrape_registry(self) -> CollectorRegistry:
+        """What a scrape reads: every process's files in multiprocess mode, else this registry."""
+        if not multiproc_dir():
+            return self.registry
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        for collector in self.extra_collectors():
+            registry.register(collector)
+        return registry
+
+    def render(self) -> bytes:
+        return generate_latest(self.scrape_registry())
+
+    def extra_collectors(self) -> list[Collector]:
+        """Collectors computed at scrape time in the scraped process (not kept in files)."""
+        return []
+
+    def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """One sample's value (0 when absent), from what a scrape would return."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        for family in text_string_to_metric_families(self.render().decode()):
+            for s in family.samples:
+                if s.name == name and s.labels == (labels or {}):
+                    return s.value
+        return 0.0
+
+
+class Metrics(_Registry):
+    """The web tier's (one per app; every gunicorn process of a host adds to the same view)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        c, h = self.counter, self.histogram
+        self.requests = c("modelserve_http_requests_total", "HTTP requests", ("endpoint", "method", "status"))
+        self.latency = h(
+            "modelserve_http_request_duration_seconds", "HTTP request latency", ENDPOINT, LATENCY_BUCKETS
+        )
+        # From publishing a task to RabbitMQ to receiving its result.
+        self.roundtrip = h("modelserve_queue_roundtrip_seconds", "Task round trip", TASK, LATENCY_BUCKETS)
+        self.batch_rows = h("modelserve_batch_rows", "Rows per task sent to the workers", TASK, SIZE_BUCKETS)
+        self.predictions = c(
+            "modelserve_predictions_total", "Rows predicted, by the version that answered", VERSION
+        )
+        self.unavailable = c("modelserve_unavailable_total", "Requests answered 503 by reason", ("reason",))
+        # Set by the process that serves the scrape, from its view: the most recent value wins.
+        consumers = "Consumers of the prediction queue at the last check (-1: unknown); readiness needs >= 1"
+        self.queue_consumers = self.gauge("modelserve_queue_consumers", consumers, (), "livemostrecent")
+        fleet = "Workers whose status the front end received, by state (serving, no_model)"
+        self.fleet_workers = self.gauge("modelserve_fleet_workers", fleet, ("state",), "livemostrecent")
+
+
+class _ModelAge(Collector):
+    """``modelserve_worker_model_age_seconds``: computed at each scrape, from the served model."""
+
+    def __init__(self, served: Callable[[], tuple[str, float] | None]) -> None:
+        self.served = served
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "modelserve_worker_model_age_seconds",
+            "Seconds since the served release was trained (its metadata's trained_at)",
+            labels=("model_version",),
+        )
+        served = self.served()
+        if served is not None:
+            version, trained = served
+            family.add_metric((version,), max(0.0, time.time() - trained))
+        yield family
+
+
+class WorkerMetrics(_Registry):
+    """A Celery worker's: its main process serves them over HTTP (``worker.MetricsServer``), pool
+    children (prefork) write theirs to the multiprocess directory; threads share the main process's."""
+
+    def __init__(self, served: Callable[[], tuple[str, float] | None] = lambda: None) -> None:
+        super().__init__()
+        c, h, name = self.counter, self.histogram, "modelserve_worker_"
+        self.inference = h(
+            name + "inference_duration_seconds", "Model time of a task", VERSION, LATENCY_BUCKETS
+        )
+        self.rows = h(name + "task_rows", "Rows per predict task", VERSION, SIZE_BUCKETS)
+        self.load = h(name + "model_load_duration_seconds", "Loading a release", VERSION, LOAD_BUCKETS)
+        self.load_failures = c(name + "model_load_failures_total", "Failed loads of a release", VERSION)
+        # 1 while a live process of this worker holds that version; 0 once none does.
+        info = "The model version this worker serves (1), versions it served before (0)"
+        self.model_info = self.gauge(name + "model_info", info, VERSION, "livemax")
+        self.retries = c(
+            name + "task_retries_total", "Tasks retried, by reason (no_model)", (*TASK, "reason")
+        )
+        self.rejected = c(name + "task_rejections_total", "Task messages handed back", (*TASK, "requeue"))
+        dead = "Task messages this worker's rejection made the broker dead-letter (quorum queue)"
+        self.dead_lettered = c(name + "tasks_dead_lettered_total", dead, (*TASK, "reason"))
+        # Set by the worker to its main process's model (prefork: the copy the Supervisor checks).
+        self.served = served
+        self._age = _ModelAge(lambda: self.served())
+        self.registry.register(self._age)
+
+    def extra_collectors(self) -> list[Collector]:
+        return [self._age]
+
+    # --- what a ModelHolder reports (see modelserve.model.ModelHolder.observer) --------------------
+
+    def model_loaded(self, version: str, seconds: float, previous: str | None) -> None:
+        self.load.labels(version).observe(seconds)
+        if previous is not None and previous != version:
+            self.model_info.labels(previous).set(0)
+        self.model_info.labels(version).set(1)
+
+    def model_load_failed(self, version: str) -> None:
+        self.load_failures.labels(version).inc()

@@ -11,7 +11,7 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -77,6 +77,22 @@ class LoadedModel(Predictor):
         return self.model.predict(x)
 
 
+class LoadObserver(Protocol):
+    """What a :class:`ModelHolder` reports its loads to (the worker's metrics)."""
+
+    def model_loaded(self, version: str, seconds: float, previous: str | None) -> None: ...
+
+    def model_load_failed(self, version: str) -> None: ...
+
+
+def trained_timestamp(model: Predictor) -> float | None:
+    """When the release was trained (metadata ``trained_at``), as a Unix time; None if unknown."""
+    try:
+        return datetime.fromisoformat(str(model.metadata["trained_at"])).timestamp()
+    except (KeyError, ValueError):
+        return None
+
+
 class ModelHolder:
     """Holds the model of ``<model_dir>/current`` and follows the symlink when it moves.
 
@@ -91,9 +107,12 @@ class ModelHolder:
     RETRY_FIRST = 0.5
     RETRY_MAX = 30.0
 
-    def __init__(self, model_dir: Path, check_interval: float = 0.5) -> None:
+    def __init__(
+        self, model_dir: Path, check_interval: float = 0.5, observer: LoadObserver | None = None
+    ) -> None:
         self.model_dir = Path(model_dir)
         self.check_interval = check_interval
+        self.observer = observer
         self._model: LoadedModel | None = None
         self._target: str | None = None
         self._failed_target: str | None = None
@@ -132,9 +151,12 @@ class ModelHolder:
         now = time.monotonic()
         if target == self._failed_target and now < self._retry_at:
             return
+        started = time.perf_counter()
         try:
             model = LoadedModel(self.model_dir / target)
         except Exception as exc:
+            if self.observer is not None:
+                self.observer.model_load_failed(Path(target).name)
             first = target != self._failed_target
             self._backoff = self.RETRY_FIRST if first else min(self._backoff * 2, self.RETRY_MAX)
             self._failed_target, self._retry_at = target, now + self._backoff
@@ -147,6 +169,8 @@ class ModelHolder:
         old = self._model.version if self._model else None
         self._model, self._target, self._failed_target, self.error = model, target, None, None
         self.loads += 1
+        if self.observer is not None:
+            self.observer.model_loaded(model.version, time.perf_counter() - started, old)
         log.warning("model release switched: %s -> %s", old, model.version)
 
     def _without_paths(self, exc: Exception) -> str:

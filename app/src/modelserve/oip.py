@@ -359,5 +359,5 @@ def infer(name: str, version: str | None = None) -> Response:
         return _error(exc)
     except ServiceUnavailable as exc:
         return _unavailable(exc)
-    s.metrics.predictions.inc(result["model_version"], amount=len(rows))
+    s.metrics.predictions.labels(result["model_version"]).inc(len(rows))
     return _answer(header, name, result, wanted)

@@ -35,7 +35,7 @@ from modelserve import __version__
 from modelserve.client import ServiceUnavailable, TaskClient
 from modelserve.config import ConfigError, Settings, load_settings
 from modelserve.features import FEATURES, InputError, parse_json_body, validate_request
-from modelserve.metrics import WORKER_STATES, Metrics, method_label
+from modelserve.metrics import CONTENT_TYPE, WORKER_STATES, Metrics, method_label, prepare_multiproc_dir
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ _UNAVAILABLE = {
 
 
 def _unavailable(exc: ServiceUnavailable) -> Response:
-    services().metrics.unavailable.inc(exc.kind)
+    services().metrics.unavailable.labels(exc.kind).inc()
     log.warning("request %s: 503 (%s): %s", request_id(), exc.kind, exc.reason)
     message = _UNAVAILABLE.get(exc.kind, "the service is unavailable")
     return error(f"service unavailable: {message}; retry later", 503, {"Retry-After": "1"})
@@ -213,7 +213,7 @@ def predict() -> Response:
     except ServiceUnavailable as exc:
         return _unavailable(exc)
     version = result["model_version"]
-    s.metrics.predictions.inc(version, amount=len(rows))
+    s.metrics.predictions.labels(version).inc(len(rows))
     # Built as text: for big batches this is several times faster than json.dumps of dicts.
     preds = [
         f'{{"probability":{p:.6g},"label":{label}}}'
@@ -283,10 +283,10 @@ def _count(response: Response) -> Response:
     metrics = services().metrics
     # Closed label sets: the route's rule (not the path) and a known method, else one value each.
     rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
-    metrics.requests.inc(rule, method_label(request.method), str(response.status_code))
+    metrics.requests.labels(rule, method_label(request.method), str(response.status_code)).inc()
     t0 = g.get("t0")
     if t0 is not None:
-        metrics.latency.observe(time.perf_counter() - t0, rule)
+        metrics.latency.labels(rule).observe(time.perf_counter() - t0)
     response.headers["X-Request-Id"] = request_id()
     for name, value in SECURITY_HEADERS.items():
         response.headers.setdefault(name, value)
@@ -311,8 +311,9 @@ def prometheus() -> Response:
     s.metrics.queue_consumers.set(-1 if consumers is None else consumers)
     states = Counter(w.get("state") for w in s.tasks.fleet())
     for state in WORKER_STATES:
-        s.metrics.fleet_workers.set(states.get(state, 0), state)
-    return Response(s.metrics.render(), mimetype="text/plain; version=0.0.4; charset=utf-8")
+        s.metrics.fleet_workers.labels(state).set(states.get(state, 0))
+    # Every gunicorn process's samples (multiprocess mode): whichever process answers, one view.
+    return Response(s.metrics.render(), content_type=CONTENT_TYPE)
 
 
 # --- page: the human page ----------------------------------------------------------------------
@@ -389,6 +390,7 @@ def gunicorn_argv(settings: Settings, extra: list[str]) -> list[str]:
         "--worker-tmp-dir", "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp",  # noqa: S108
         "--name", "modelserve-web",
         "--no-control-socket",  # gunicorn >= 27: else every instance shares ~/.gunicorn/gunicorn.ctl
+        "--config", "python:modelserve.gunicorn_hooks",  # child_exit: a dead process's metrics
         "--log-level", os.environ.get("MODELSERVE_LOG_LEVEL", "warning").lower(),
     ]  # fmt: skip
     if settings.access_log:
@@ -404,5 +406,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"modelserve-web: {exc}", file=sys.stderr)
         return 2
     args = gunicorn_argv(settings, list(sys.argv[1:] if argv is None else argv))
+    prepare_multiproc_dir("modelserve-web")  # before gunicorn imports prometheus_client
     os.execv(args[0], args)  # noqa: S606 - fixed argv, no shell
     return 0  # pragma: no cover

@@ -20,10 +20,13 @@ from typing import Any, Protocol
 
 from celery import Celery, Task, signals
 from celery.worker.consumer import Consumer
+from celery.worker.request import Request
 from kombu import Connection, Producer
+from prometheus_client import start_http_server
 
 from modelserve.config import ConfigError, Settings, load_settings
-from modelserve.model import ModelHolder, ModelUnavailable, Predictor
+from modelserve.metrics import WorkerMetrics, mark_process_dead, prepare_multiproc_dir
+from modelserve.model import ModelHolder, ModelUnavailable, Predictor, trained_timestamp
 from modelserve.protocol import TASK_MODEL_INFO, TASK_PREDICT, settings_task_queue, status_exchange
 
 log = logging.getLogger(__name__)
@@ -43,8 +46,9 @@ def serving_models(settings: Settings) -> ModelSource:
 class _PerProcess:
     """One model source per process, made on first use (so after the prefork pool forked)."""
 
-    def __init__(self, make: Callable[[], ModelSource]) -> None:
+    def __init__(self, make: Callable[[], ModelSource], observer: Any = None) -> None:
         self._make = make
+        self._observer = observer
         self._source: ModelSource | None = None
         self._pid = -1
         self._lock = threading.Lock()
@@ -54,8 +58,19 @@ class _PerProcess:
             with self._lock:
                 if self._source is None or self._pid != os.getpid():
                     self._source = self._make()
+                    if hasattr(self._source, "observer"):  # a ModelHolder: its loads are counted
+                        self._source.observer = self._observer
                     self._pid = os.getpid()
         return self._source.get()
+
+    def served(self) -> tuple[str, float] | None:
+        """This process's model version and when it was trained (None: no model, or not known)."""
+        try:
+            model = self.get()
+        except ModelUnavailable:
+            return None
+        trained = trained_timestamp(model)
+        return None if trained is None else (model.version, trained)
 
     def preload(self, **_: Any) -> None:
         """Load the model when the worker (process) starts, not on the first task."""
@@ -74,6 +89,15 @@ def _models(task: Task) -> _PerProcess:
     return task.app.modelserve_models
 
 
+def _metrics(task: Task) -> WorkerMetrics:
+    return task.app.modelserve_metrics
+
+
+def _packed_rows(rows_b64: str) -> int:
+    """Rows in base64 float32 (8 features, 4 bytes each), without decoding it."""
+    return (len(rows_b64) * 3 // 4 - rows_b64[-2:].count("=")) // 32
+
+
 def _check_rows(rows: Any) -> None:
     # The web validated already; this guards against other publishers.
     if isinstance(rows, str):
@@ -85,12 +109,18 @@ def _check_rows(rows: Any) -> None:
 def predict(task: Task, rows: list[list[float]] | str) -> dict[str, Any]:
     """Rows as a list of 8-number lists, or base64 float32 (what the web sends, see wire)."""
     _check_rows(rows)
+    metrics = _metrics(task)
     try:
         model = _models(task).get()
     except ModelUnavailable as exc:
         # Bounded retry: a release may be mid-install. The web gives up after its own timeout.
+        if task.request.retries < task.max_retries:
+            metrics.retries.labels(task.name, "no_model").inc()
         raise task.retry(exc=exc, countdown=0.2) from None
+    started = time.perf_counter()
     result = model.predict_packed(rows) if isinstance(rows, str) else model.predict(rows)
+    metrics.inference.labels(model.version).observe(time.perf_counter() - started)
+    metrics.rows.labels(model.version).observe(_packed_rows(rows) if isinstance(rows, str) else len(rows))
     result["worker"] = worker_id()
     return result
 
@@ -241,6 +271,64 @@ class Supervisor:
             return False
 
 
+class CountingRequest(Request):
+    """Celery's task request, counting the messages the worker hands back to the broker.
+
+    A rejection (a task's ``Reject``, or Celery's after a worker process was lost on the message) is
+    what the worker can see of dead-lettering, which RabbitMQ does: a quorum queue dead-letters a
+    message rejected without requeue, or requeued once more than its delivery limit (the message's
+    ``x-delivery-count`` says how often it came back before). The dead-letter queue's depth itself
+    comes from RabbitMQ's own metrics.
+    """
+
+    def reject(self, requeue: bool = False) -> None:
+        if not self.acknowledged:
+            app = self.task.app
+            metrics: WorkerMetrics | None = getattr(app, "modelserve_metrics", None)
+            settings: Settings | None = getattr(app, "modelserve_settings", None)
+            if metrics is not None and settings is not None:
+                metrics.rejected.labels(self.task.name, str(requeue).lower()).inc()
+                returned = int((self._message.headers or {}).get("x-delivery-count") or 0)
+                if settings.task_queue_type == "quorum":
+                    if not requeue:
+                        metrics.dead_lettered.labels(self.task.name, "rejected").inc()
+                    elif returned + 1 > settings.task_delivery_limit:
+                        metrics.dead_lettered.labels(self.task.name, "delivery_limit").inc()
+        super().reject(requeue=requeue)
+
+
+class ServingTask(Task):
+    Request = f"{__name__}:CountingRequest"
+
+
+class MetricsServer:
+    """The worker's /metrics over HTTP, from its main process (``worker_ready``): the samples of
+    every process of this worker (pool children write theirs to the multiprocess directory)."""
+
+    def __init__(self, app: Celery, settings: Settings, metrics: WorkerMetrics) -> None:
+        self.app = app
+        self.settings = settings
+        self.metrics = metrics
+        self.address: tuple[str, int] | None = None
+
+    def on_ready(self, sender: Any = None, **_: Any) -> None:
+        bind = self.settings.worker_metrics_bind
+        if getattr(sender, "app", None) is not self.app or bind is None or self.address is not None:
+            return
+        try:
+            server, _thread = start_http_server(bind[1], bind[0], registry=self.metrics.scrape_registry())
+        except OSError as exc:  # predictions still work; the scrape target shows as down
+            log.error("cannot serve metrics on %s:%s: %s", bind[0], bind[1], exc)
+            return
+        self.address = server.server_address[:2]
+        log.warning("metrics on http://%s:%s/metrics", *self.address)
+
+    @staticmethod
+    def on_child_exit(**_: Any) -> None:
+        # In the pool child that exits: its live gauges leave the worker's view.
+        mark_process_dead(os.getpid())
+
+
 class TaskConsumer(Consumer):
     """Celery's consumer without native delayed delivery.
 
@@ -259,7 +347,7 @@ def create_celery_app(
     settings: Settings, models: Callable[[Settings], ModelSource] = serving_models
 ) -> Celery:
     """A Celery app with the serving tasks; ``models`` makes each process's model source."""
-    app = Celery("modelserve", set_as_current=False)
+    app = Celery("modelserve", set_as_current=False, task_cls=f"{__name__}:ServingTask")
     app.conf.update(
         # Every broker node, ';'-separated: a lost connection is retried on the next one.
         broker_url=settings.broker_url or None,
@@ -292,7 +380,10 @@ def create_celery_app(
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
     )
-    app.modelserve_models = source = _PerProcess(lambda: models(settings))
+    app.modelserve_settings = settings
+    app.modelserve_metrics = metrics = WorkerMetrics()
+    app.modelserve_models = source = _PerProcess(lambda: models(settings), observer=metrics)
+    metrics.served = source.served
     # shared=False: the tasks belong to this app only, not to every Celery app made later.
     app.task(name=TASK_PREDICT, bind=True, shared=False, max_retries=settings.task_max_retries)(predict)
     app.task(name=TASK_MODEL_INFO, bind=True, shared=False)(model_info)
@@ -303,6 +394,9 @@ def create_celery_app(
     app.modelserve_supervisor = supervisor = Supervisor(app, settings, source)
     signals.worker_ready.connect(supervisor.on_ready, weak=False)
     signals.worker_shutdown.connect(supervisor.on_shutdown, weak=False)
+    app.modelserve_metrics_server = server = MetricsServer(app, settings, metrics)
+    signals.worker_ready.connect(server.on_ready, weak=False)
+    signals.worker_process_shutdown.connect(server.on_child_exit, weak=False)
     return app
 
 
@@ -347,5 +441,6 @@ def main(argv: list[str] | None = None, app: str = __name__) -> int:
         print(f"modelserve-worker: {exc}", file=sys.stderr)
         return 2
     args = celery_argv(settings, list(sys.argv[1:] if argv is None else argv), app)
+    prepare_multiproc_dir("modelserve-worker")  # before Celery imports prometheus_client
     os.execv(args[0], args)  # noqa: S606 - fixed argv, no shell
     return 0  # pragma: no cover

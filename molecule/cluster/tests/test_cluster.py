@@ -56,6 +56,23 @@ def test_the_inventory_override_of_the_http_port_reaches_the_hosts():
     assert f":{HTTP_PORT}/api/v1/model" in deploy
 
 
+def test_worker_metrics_are_open_to_the_cluster_network_only():
+    name = _worker_hosts()[0]
+    worker, variables = _host(name), runner.get_variables(name)
+    port = variables.get("modelserve_worker_metrics_port", 9810)  # the wiring default unless overridden
+    rules = [
+        ln
+        for ln in worker.check_output("nft list table inet modelserve").splitlines()
+        if f"dport {port} " in ln
+    ]
+    assert rules and all(any(c in ln for c in variables["modelserve_cluster_cidrs"]) for ln in rules), rules
+    # A Prometheus on the cluster network (here: the front end) reads the worker's own /metrics.
+    url = f"http://{worker.interface('eth0').addresses[0]}:{port}/metrics"
+    read = f"import urllib.request; print(urllib.request.urlopen('{url}', timeout=10).read().decode())"
+    text = _host("cl-frontend").check_output(f'python3 -c "{read}"')
+    assert "modelserve_worker_model_info{model_version=" in text
+
+
 def test_broker_refuses_guest_and_listens_on_the_cluster_network():
     broker = _host("cl-broker")
     users = broker.check_output("rabbitmqctl -q list_users")

@@ -111,3 +111,20 @@ def test_sandboxed_worker_computes_with_litert_and_numpy(base_url, host):
     for unit in UNITS:
         log = host.check_output(f"journalctl -u {unit} --no-pager -o cat -n 200 || true")
         assert "Operation not permitted" not in log, log[-2000:]
+
+
+def test_metrics_are_one_view_per_service_with_the_model_version(base_url, host):
+    """The web's counts cover both gunicorn processes (no pid label); each worker process serves its
+    own /metrics on the host's address (instance i on 9810 + i - 1), from its RuntimeDirectory."""
+    for _ in range(5):
+        assert _predict(base_url, [ROW]).status_code == 200
+    web = requests.get(f"{base_url}/metrics", timeout=10).text
+    assert "pid=" not in web
+    assert re.search(r'^modelserve_predictions_total\{model_version="[^"]+"\} \d', web, re.M), web[-2000:]
+    addr = host.interface("eth0").addresses[0]
+    meta = json.loads(host.file("/srv/modelserve/current/metadata.json").content_string)
+    for i in (1, 2):
+        assert host.file(f"/run/modelserve-worker-{i}").is_directory
+        text = requests.get(f"http://{addr}:{9810 + i - 1}/metrics", timeout=10).text
+        assert f'modelserve_worker_model_info{{model_version="{meta["version"]}"}} 1.0' in text, text[-2000:]
+        assert f'modelserve_worker_model_age_seconds{{model_version="{meta["version"]}"}}' in text

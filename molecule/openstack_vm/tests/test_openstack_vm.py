@@ -148,8 +148,12 @@ def test_security_groups_hold_exactly_the_intended_rules(conn):
             ("ingress", "IPv6", "tcp", 8080, 8080, "::/0"),
         }
         | EGRESS,
-        # git_deploy's fan-out: the repository worker reaches the other workers.
-        "workers": admin_ssh | from_dev | {_ssh("IPv4", f"group:{PREFIX}-workers")} | EGRESS,
+        # git_deploy's fan-out: the repository worker reaches the other workers; the workers'
+        # metrics (modelserve_worker_metrics_port) from the cluster network only.
+        "workers": admin_ssh
+        | from_dev
+        | {_ssh("IPv4", f"group:{PREFIX}-workers"), ("ingress", "IPv4", "tcp", 9810, 9810, "10.99.0.0/24")}
+        | EGRESS,
         "development": admin_ssh | EGRESS,
     }
     groups = {sg.name: sg for sg in conn.network.security_groups()}
