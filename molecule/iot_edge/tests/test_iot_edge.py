@@ -7,11 +7,15 @@ are copied to the "uploaded" directory. Content is checked, not just presence.
 """
 
 import json
+import re
 import time
+from pathlib import Path
 
 import pytest
 
 VENV = "/opt/modelserve-edge/venv"
+# The checked-in lock the arm64 wheelhouse is built from (scripts/lock).
+LOCK = Path(__file__).resolve().parents[3] / "app" / "edge" / "requirements" / "edge.lock"
 CONFIG_DIR = "/etc/modelserve-edge"
 DATA_DIR = "/var/lib/modelserve-edge"
 UPLOADED = f"{DATA_DIR}/uploaded"
@@ -107,6 +111,23 @@ def test_package_installed_from_wheels(host):
     installed = {p["name"].lower(): p["version"] for p in json.loads(out)}
     assert installed["modelserve-edge"] == "1.0.0"
     assert "ai-edge-litert" in installed  # arm64: the litert extra
+
+
+def _pins(text):
+    return {
+        re.sub(r"[-_.]+", "-", m[1]).lower(): m[2]
+        for m in re.finditer(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", text, re.M)
+    }
+
+
+def test_installed_versions_are_exactly_the_lock(host):
+    # pip freeze leaves pip out (bootstrapped from the locked wheel all the same).
+    frozen = _pins(host.check_output(f"{VENV}/bin/python -m pip freeze"))
+    assert frozen.pop("modelserve-edge") == "1.0.0"
+    locked = _pins(LOCK.read_text())
+    assert locked.pop("pip") == _pins(host.check_output(f"{VENV}/bin/python -m pip freeze --all"))["pip"]
+    assert len(locked) > 5
+    assert frozen == locked
 
 
 def test_pipeline_sends_rul_upstream(host):

@@ -3,6 +3,7 @@
 import json
 import re
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -13,6 +14,16 @@ ROW = [6, 148, 72, 35, 0, 33.6, 0.627, 50]
 # stated in roles/model_serving/README.md ("Service sandbox").
 MAX_EXPOSURE = 2.0
 UNITS = ("modelserve-web.service", "modelserve-worker@1.service")
+# The checked-in lock the wheelhouse is built from (scripts/lock).
+LOCK = Path(__file__).resolve().parents[3] / "app" / "requirements" / "web-worker.lock"
+
+
+def _pins(text):
+    """{normalised name: version} of the `name==version` lines of a lock or of `pip freeze`."""
+    return {
+        re.sub(r"[-_.]+", "-", m[1]).lower(): m[2]
+        for m in re.finditer(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", text, re.M)
+    }
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +44,17 @@ def test_services_run_as_the_app_user(host):
     app = [ln.split()[0] for ln in lines if "-m gunicorn" in ln or "-m celery" in ln]
     assert len(app) >= 4  # gunicorn master + 2 workers, 2 Celery processes at least
     assert set(app) == {"modelserve"}
+
+
+def test_installed_versions_are_exactly_the_lock(host):
+    # Web and worker on this host: every locked package at its locked version, nothing else (pip
+    # freeze leaves out pip and setuptools, which the venv brings; the app is not in the lock).
+    frozen = _pins(host.check_output("/opt/modelserve/venv/bin/python -m pip freeze"))
+    assert frozen.pop("modelserve") == "1.0.0"
+    locked = _pins(LOCK.read_text())
+    locked.pop("pip")
+    assert len(locked) > 20
+    assert frozen == locked
 
 
 def test_environment_file_holds_the_secret_privately(host):
