@@ -104,7 +104,7 @@ def merge_runs(rounds: list[dict], rows: int) -> dict:
         "non2xx": sum(r["non2xx"] for r in rounds),
         "socket_errors": "; ".join(r["socket_errors"] for r in rounds if r["socket_errors"]),
         "rounds_rps": [r["rps"] for r in rounds],
-        "cpu": {k: sum(r["cpu"][k] for r in rounds) for k in rounds[0]["cpu"]},
+        "cpu": {k: sum(r["cpu"][k] for r in rounds) for k in rounds[0].get("cpu", {})},
     }
     merged["predictions_per_s"] = merged["rps"] * rows
     return merged
@@ -168,6 +168,13 @@ def main() -> int:
         default="quorum,classic",
         help="task queue types to run the optimised stack with, in order (default quorum,classic)",
     )
+    parser.add_argument(
+        "--drift-rounds",
+        type=int,
+        default=2,
+        help="alternating single-row rounds with drift detection on and off (issue 16; 0: none)",
+    )
+    parser.add_argument("--drift-only", action="store_true", help="only the drift on/off rounds")
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     args = parser.parse_args()
@@ -198,7 +205,7 @@ def main() -> int:
         batch = lua_script(base / "batch.lua", {"rows": [ROW] * args.batch_rows})
         metrics = ""
         oip = oip_binary_script(base / "oip.lua", [ROW] * args.batch_rows)
-        for queue_type in queue_types:
+        for queue_type in [] if args.drift_only else queue_types:
             url, web, workers = start_stack(
                 base,
                 rabbit.url,
@@ -245,7 +252,40 @@ def main() -> int:
             for proc in (web, *workers):
                 devstack.stop_process(proc, timeout=3, sig=signal.SIGINT if proc is web else signal.SIGQUIT)
 
-        if not args.skip_naive:
+        if args.drift_rounds:
+            # Two stacks side by side, drift on (the default window) and off (MODELSERVE_DRIFT_WINDOW=0),
+            # driven in alternating rounds: load from elsewhere weighs on both alike.
+            stacks = {}
+            for mode, window in (("drift on", "1000"), ("drift off", "0")):
+                url, web, workers = start_stack(
+                    base, rabbit.url, model_dir, f"bench.{mode.replace(' ', '-')}", args.workers,
+                    MODELSERVE_WORKER_POOL="threads", MODELSERVE_DRIFT_WINDOW=window, **common,
+                )  # fmt: skip
+                procs += [web, *workers]
+                requests.post(url + "/api/v1/predict", json={"row": ROW}, timeout=10).raise_for_status()
+                run_wrk(url + "/api/v1/predict", single, args.concurrency, 2)  # warm-up
+                stacks[mode] = (url, web, workers)
+            drift_runs: dict[str, list[dict]] = {f"single-row, {mode}": [] for mode in stacks}
+            for i in range(args.drift_rounds):
+                for mode, (url, web, workers) in stacks.items() if i % 2 == 0 else reversed(stacks.items()):
+                    print(f"single rows, {mode}, round {i + 1} ...", flush=True)
+                    pids = {"web": [web.pid], "worker": [p.pid for p in workers]}
+                    before = cpu_seconds(pids)
+                    r = run_wrk(url + "/api/v1/predict", single, args.concurrency, args.duration)
+                    after = cpu_seconds(pids)
+                    r["cpu"] = {k: after[k] - before[k] for k in pids}
+                    drift_runs[f"single-row, {mode}"].append(r)
+            for name, rounds in drift_runs.items():
+                results[name] = merge_runs(rounds, 1)
+            on_url = stacks["drift on"][0]
+            drift_state = requests.get(on_url + "/api/v1/model", timeout=10).json().get("drift", {})
+            for _url, web, workers in stacks.values():
+                for proc in (web, *workers):
+                    devstack.stop_process(
+                        proc, timeout=3, sig=signal.SIGINT if proc is web else signal.SIGQUIT
+                    )
+
+        if not args.skip_naive and not args.drift_only:
             # The same web with micro-batching off (one task per request, none held back) in front
             # of a worker that loads model.keras for every task (app/tests/ms_naive.py).
             url, web, workers = start_stack(
@@ -284,6 +324,24 @@ def main() -> int:
             f"{name:<26}{r['rps']:>10.1f}{r['p50']:>10.1f}{r['p99']:>10.1f}{preds:>12.0f}{r['non2xx']:>9}{r['requests']:>10}"
         )
     first = f"{queue_types[0]} single-row"
+    if args.drift_rounds:
+        on, off = results["single-row, drift on"], results["single-row, drift off"]
+        print(
+            f"\ndrift on / off (single rows, same run, {args.drift_rounds} alternating rounds): "
+            f"{on['rps'] / off['rps']:.1%} of the req/s (p99 {on['p99']:.1f} vs {off['p99']:.1f} ms);"
+            " per round: "
+            + ", ".join(f"{a / b:.1%}" for a, b in zip(on["rounds_rps"], off["rounds_rps"], strict=True) if b)
+            + f"; the drift stack's window at the end: {drift_state.get('rows')} rows,"
+            f" {len(drift_state.get('columns') or {})} columns reported"
+        )
+        print(
+            "CPU ms per single-row request (what load from elsewhere disturbs less): "
+            + "; ".join(
+                f"{mode}: "
+                + ", ".join(f"{k} {v * 1000 / max(1, r['requests']):.3f}" for k, v in r["cpu"].items())
+                for mode, r in (("drift on", on), ("drift off", off))
+            )
+        )
     if "naive single-row" in results and results["naive single-row"]["rps"] > 0:
         ratio = results[first]["rps"] / results["naive single-row"]["rps"]
         print(f"\noptimised ({queue_types[0]}) / naive (single rows, same run): {ratio:.0f}x")
@@ -295,7 +353,7 @@ def main() -> int:
             f"p99 {q['p99']:.1f} vs {c['p99']:.1f} ms; batched pred/s "
             f"{qb['predictions_per_s'] / cb['predictions_per_s']:.1%}"
         )
-    for queue_type in queue_types:
+    for queue_type in [] if args.drift_only else queue_types:
         json_name = f"{queue_type} batch x{args.batch_rows}"
         oip_name = f"{queue_type} OIP binary x{args.batch_rows}"
         json_batch, oip_batch = results[json_name], results[oip_name]

@@ -80,6 +80,9 @@ def test_systemd_mode_passes(tmp_path, ansible_bin, ansible_env):
         ({"model_serving_broker_credentials": dict(CREDENTIALS, user="guest")}, "user (not guest)"),
         ({"model_serving_web_memory_max": "lots"}, "must be a systemd size (e.g. 1G, 800M) or infinity"),
         ({"model_serving_web_tasks_max": 32}, "must cover web_workers x web_threads + 16"),
+        ({"model_serving_drift_min_rows": 0}, "model_serving_drift_min_rows at least 1"),
+        ({"model_serving_drift_window": 100}, "at most the window (got 100 and 200)"),
+        ({"model_serving_drift_window": "many"}, "argument 'model_serving_drift_window' is of type str"),
     ],
 )
 def test_bad_input_is_refused_by_name(tmp_path, ansible_bin, ansible_env, extra, message):

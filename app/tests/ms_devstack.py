@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import modelserve
-from modelserve.release import MODEL_FILES
+from modelserve.release import METADATA, release_files
 
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 RABBITMQCTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"
@@ -256,7 +256,8 @@ def install_release(model_dir: Path, source: Path, version: str | None = None) -
         meta["version"] = version
     dest = Path(model_dir) / "releases" / meta["version"]
     dest.mkdir(parents=True)
-    for name in MODEL_FILES:
-        shutil.copy2(Path(source) / name, dest / name)
+    for name in release_files(meta):
+        if name != METADATA:
+            shutil.copy2(Path(source) / name, dest / name)
     (dest / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return meta["version"]

@@ -96,3 +96,58 @@ def test_form_predicts_and_chart_updates(live_stack, browser, tmp_path):
     assert button.value_of_css_property("background-color") in ("rgba(31, 111, 235, 1)", "rgb(31, 111, 235)")
     refused = [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
     assert not refused, refused
+
+
+def test_page_shows_version_age_throughput_and_drift_and_follows_them(make_stack, browser, seed_release):
+    """The status section, from /api/v1/model: filled in, then updated without a reload when the
+    traffic drifts (the page polls; the window's statistics come from the worker's status)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+    from test_drift import heldout_rows
+
+    stack = make_stack(workers=1, MODELSERVE_DRIFT_MIN_ROWS="100")
+    stack.wait_ready()
+    rows = heldout_rows(seed_release)
+    for chunk in range(0, len(rows), 50):
+        r = requests.post(
+            f"{stack.url}/api/v1/predict", json={"rows": rows[chunk : chunk + 50].tolist()}, timeout=15
+        )
+        assert r.status_code == 200
+
+    wait = WebDriverWait(browser, 30)
+    browser.get(stack.url + "/")
+    wait.until(ec.text_to_be_present_in_element((By.ID, "status-version"), "1.0.0"))
+    # The seed release was trained on 2026-11-25: days ago, said in words.
+    assert browser.find_element(By.ID, "status-age").text.endswith("days ago")
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#drift-rows tr")) == 9)
+    assert "live rows in the window" in browser.find_element(By.ID, "drift-state").text
+    model = requests.get(f"{stack.url}/api/v1/model", timeout=10).json()
+    for column in ("glucose", "score"):
+        row = browser.find_element(By.ID, f"drift-{column}")
+        assert row.get_attribute("class") in ("stable", "moderate")
+        psi = float(row.find_element(By.CSS_SELECTOR, "td.psi").text)
+        assert psi == pytest.approx(model["drift"]["columns"][column]["psi"], abs=0.002)
+        assert float(row.find_element(By.CSS_SELECTOR, "meter").get_attribute("value")) == pytest.approx(
+            psi, abs=0.002
+        )
+    # Throughput: the worker's rows per second, once it has two samples of its count.
+    wait.until(lambda d: "predictions/s" in d.find_element(By.ID, "status-throughput").text)
+
+    # Drifted traffic: the page shows it without a reload.
+    shifted = rows.copy()
+    shifted[:, 2] += 15
+    for _ in range(7):
+        for chunk in range(0, len(shifted), 50):
+            r = requests.post(
+                f"{stack.url}/api/v1/predict", json={"rows": shifted[chunk : chunk + 50].tolist()}, timeout=15
+            )
+            assert r.status_code == 200
+    wait.until(
+        lambda d: d.find_element(By.ID, "drift-blood_pressure").get_attribute("class") == "significant"
+    )
+    assert float(browser.find_element(By.CSS_SELECTOR, "#drift-blood_pressure td.psi").text) > 0.25
+    assert browser.find_element(By.ID, "drift-glucose").get_attribute("class") != "significant"
+    browser.save_screenshot(str(stack.base / "status.png"))
+    refused = [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
+    assert not refused, refused

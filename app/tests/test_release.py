@@ -53,6 +53,61 @@ def test_validate_rejects_a_tflite_that_does_not_load(copy_seed):
         release.validate_release(rel)
 
 
+def _profile(rel, change):
+    """Edit the release's drift profile and re-checksum it (a well-listed, malformed profile)."""
+    path = rel / "drift_profile.json"
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+    meta = json.loads((rel / "metadata.json").read_text())
+    meta["files"]["drift_profile.json"]["sha256"] = release.sha256_file(path)
+    (rel / "metadata.json").write_text(json.dumps(meta))
+
+
+def _unlist_profile(rel):
+    meta = json.loads((rel / "metadata.json").read_text())
+    del meta["files"]["drift_profile.json"]
+    (rel / "metadata.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda d: (d / "drift_profile.json").write_text("{}"), "drift_profile.json: sha256 mismatch"),
+        (lambda d: (d / "drift_profile.json").unlink(), "drift_profile.json missing"),
+        (_unlist_profile, "drift_profile.json is not listed in files"),
+        (lambda d: _profile(d, lambda p: p["columns"].pop("score")), "columns must be"),
+        (lambda d: _profile(d, lambda p: p["columns"]["glucose"]["edges"].reverse()), "glucose.edges must"),
+        (lambda d: _profile(d, lambda p: p["columns"]["bmi"]["proportions"].append(0.5)), "bmi.proportions"),
+        (lambda d: _profile(d, lambda p: p["columns"]["age"]["cdf"].__setitem__(-1, 0.5)), "age.cdf must"),
+        (lambda d: _profile(d, lambda p: p.update(rows=0)), "rows must be a positive integer"),
+    ],
+)
+def test_validate_checks_the_drift_profile(copy_seed, damage, message):
+    rel = copy_seed()
+    damage(rel)
+    with pytest.raises(ReleaseError, match=message):
+        release.validate_release(rel)
+
+
+def test_a_release_without_a_drift_profile_is_valid_and_installs_without_one(copy_seed, tmp_path):
+    """Releases made before drift detection still serve (drift is off for them)."""
+    rel = copy_seed()
+    (rel / "drift_profile.json").unlink()
+    _unlist_profile(rel)
+    release.validate_release(rel)
+    assert release.install(tmp_path / "models", rel) == "1.0.0"
+    assert not (tmp_path / "models" / "releases" / "1.0.0" / "drift_profile.json").exists()
+
+
+def test_install_copies_the_drift_profile(seed_release, tmp_path):
+    release.install(tmp_path / "models", seed_release)
+    installed = tmp_path / "models" / "releases" / "1.0.0"
+    profile = "drift_profile.json"
+    assert (installed / profile).read_bytes() == (seed_release / profile).read_bytes()
+    release.validate_release(installed)
+
+
 def _edit(rel, **changes):
     meta = json.loads((rel / "metadata.json").read_text())
     meta.update(changes)

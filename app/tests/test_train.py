@@ -39,12 +39,14 @@ def test_fast_training_writes_a_valid_release(tmp_path):
     )
     assert rc == 0
     rel = out / "0.1.0"
-    assert sorted(p.name for p in rel.iterdir()) == ["metadata.json", "model.keras", "model.tflite"]
+    assert sorted(p.name for p in rel.iterdir()) == [
+        "drift_profile.json", "metadata.json", "model.keras", "model.tflite"
+    ]  # fmt: skip
     meta = json.loads((rel / "metadata.json").read_text())
     assert meta["version"] == "0.1.0"
     assert meta["features"] == list(train.FEATURES)
     assert meta["input"]["shape"] == [None, 8] and meta["output"]["shape"] == [None, 1]
-    for name in ("model.keras", "model.tflite"):
+    for name in ("model.keras", "model.tflite", "drift_profile.json"):
         assert meta["files"][name]["sha256"] == release.sha256_file(rel / name)
     m = meta["metrics"]
     assert m["heldout_rows"] == 153 and m["train_rows"] == 612  # held-out only
@@ -53,6 +55,9 @@ def test_fast_training_writes_a_valid_release(tmp_path):
     assert set(meta["libraries"]) >= {"tensorflow", "keras", "numpy", "python"}
     assert meta["training"]["seed"] == 1 and meta["trained_at"]
     release.validate_release(rel)
+    # The drift reference: the training split's rows (612), every feature and the score.
+    profile = json.loads((rel / "drift_profile.json").read_text())
+    assert profile["rows"] == 612 and list(profile["columns"]) == [*train.FEATURES, "score"]
     # refuses to overwrite, rejects a non-semantic version
     assert (
         train.main(["--data", str(DATA), "--release-dir", str(rel), "--version", "0.1.0", "--epochs", "1"])

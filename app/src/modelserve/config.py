@@ -108,6 +108,10 @@ class Settings:
     worker_metrics_address: str
     worker_metrics_port: int
     worker_instance: int
+    # Drift detection (modelserve.drift): the last N rows a worker predicted (0: off), and the rows
+    # the window needs before the worker reports PSI and KS.
+    drift_window: int = 1000
+    drift_min_rows: int = 200
 
     @property
     def worker_metrics_bind(self) -> tuple[str, int] | None:
@@ -224,4 +228,6 @@ def load_settings(environ: Mapping[str, str] | None = None, *, require_broker: b
         worker_metrics_address=values.get("MODELSERVE_WORKER_METRICS_ADDRESS", "") or "127.0.0.1",
         worker_metrics_port=metrics_port,
         worker_instance=instance,
+        drift_window=_int(values, "MODELSERVE_DRIFT_WINDOW", 1000, minimum=0),
+        drift_min_rows=_int(values, "MODELSERVE_DRIFT_MIN_ROWS", 200),
     )

@@ -160,11 +160,55 @@ class _ModelAge(Collector):
         yield family
 
 
+class _Drift(Collector):
+    """The drift gauges (``modelserve.drift``): computed at each scrape, in the worker's main process,
+    from the window every process of the worker writes to (one coherent window per worker)."""
+
+    def __init__(self, summary: Callable[[], tuple[str, dict] | None]) -> None:
+        self.summary = summary
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        name, labels = "modelserve_worker_drift_", ("feature", "model_version")
+        enabled = GaugeMetricFamily(
+            name + "enabled",
+            "1 when drift is computed for the served version (its release has a reference profile"
+            " and the window is on), else 0",
+            labels=VERSION,
+        )
+        rows = GaugeMetricFamily(name + "window_rows", "Live rows in the drift window", labels=VERSION)
+        psi = GaugeMetricFamily(
+            name + "psi",
+            "Population stability index of the window against the release's training profile,"
+            " per feature and for the score (reported once the window has MODELSERVE_DRIFT_MIN_ROWS)",
+            labels=labels,
+        )
+        ks = GaugeMetricFamily(
+            name + "ks_statistic",
+            "Two-sample Kolmogorov-Smirnov statistic of the window against the training data,"
+            " per feature and for the score",
+            labels=labels,
+        )
+        served = self.summary()
+        if served is not None:
+            version, drift = served
+            enabled.add_metric((version,), 1.0 if drift["enabled"] else 0.0)
+            if drift["enabled"]:
+                rows.add_metric((version,), drift["rows"])
+            for column, values in (drift.get("columns") or {}).items():
+                psi.add_metric((column, version), values["psi"])
+                ks.add_metric((column, version), values["ks"])
+        yield from (enabled, rows, psi, ks)
+
+
 class WorkerMetrics(_Registry):
     """A Celery worker's: its main process serves them over HTTP (``worker.MetricsServer``), pool
     children (prefork) write theirs to the multiprocess directory; threads share the main process's."""
 
-    def __init__(self, served: Callable[[], tuple[str, float] | None] = lambda: None) -> None:
+    def __init__(
+        self,
+        served: Callable[[], tuple[str, float] | None] = lambda: None,
+        drift: Callable[[], tuple[str, dict] | None] = lambda: None,
+    ) -> None:
         super().__init__()
         c, h, name = self.counter, self.histogram, "modelserve_worker_"
         self.inference = h(
@@ -186,9 +230,13 @@ class WorkerMetrics(_Registry):
         self.served = served
         self._age = _ModelAge(lambda: self.served())
         self.registry.register(self._age)
+        # Set by the worker: (served version, modelserve.drift.DriftMonitor.summary) or None.
+        self.drift = drift
+        self._drift = _Drift(lambda: self.drift())
+        self.registry.register(self._drift)
 
     def extra_collectors(self) -> list[Collector]:
-        return [self._age]
+        return [self._age, self._drift]
 
     # --- what a ModelHolder reports (see modelserve.model.ModelHolder.observer) --------------------
 

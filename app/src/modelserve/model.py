@@ -9,6 +9,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -16,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from modelserve import wire
+from modelserve.drift import Profile
 from modelserve.features import N_FEATURES
 from modelserve.litert import TFLiteModel
 from modelserve.release import CURRENT, read_metadata, validate_release
@@ -27,8 +29,14 @@ class ModelUnavailable(RuntimeError):
     """No release is active, or the active one cannot be loaded."""
 
 
+# Told every predicted batch: its rows (n, 8) float32 and their probabilities (n,) (drift).
+Observer = Callable[[np.ndarray, np.ndarray], None]
+
+
 class Predictor:
     """Answers the predict tasks for one release; a subclass says how it computes probabilities."""
+
+    drift_profile: Profile | None = None  # the release's reference profile, if it has one
 
     def __init__(self, release_dir: Path, metadata: dict[str, Any]) -> None:
         self.release_dir = Path(release_dir)
@@ -41,17 +49,23 @@ class Predictor:
         """float32 probabilities of an (n, 8) float32 matrix."""
         raise NotImplementedError
 
-    def predict(self, rows: Any) -> dict[str, Any]:
+    def _scored(self, x: np.ndarray, observe: Observer | None) -> np.ndarray:
+        probabilities = self.probabilities(x)
+        if observe is not None:
+            observe(x, np.asarray(probabilities, dtype=np.float32).reshape(-1))
+        return probabilities
+
+    def predict(self, rows: Any, observe: Observer | None = None) -> dict[str, Any]:
         """Rows as 8-number lists in, probabilities and labels as JSON lists out."""
         x = np.asarray(rows, dtype=np.float32).reshape(-1, N_FEATURES)
-        return wire.list_answer(self.version, self.threshold, self.probabilities(x))
+        return wire.list_answer(self.version, self.threshold, self._scored(x, observe))
 
-    def predict_packed(self, rows_b64: str) -> dict[str, Any]:
+    def predict_packed(self, rows_b64: str, observe: Observer | None = None) -> dict[str, Any]:
         """Rows as base64 float32 in (what the web sends), probabilities the same way out."""
         x = np.frombuffer(wire.unpack_rows(rows_b64), dtype=np.float32).reshape(-1, N_FEATURES)
         if not np.isfinite(x).all():
             raise ValueError("packed rows contain NaN or infinity")
-        return wire.packed_answer(self.version, self.threshold, self.probabilities(x))
+        return wire.packed_answer(self.version, self.threshold, self._scored(x, observe))
 
     def info(self) -> dict[str, Any]:
         return {
@@ -72,6 +86,7 @@ class LoadedModel(Predictor):
         meta = validate_release(release_dir, load=False) if validate else read_metadata(release_dir)
         super().__init__(release_dir, meta)
         self.model = TFLiteModel(self.release_dir / "model.tflite")
+        self.drift_profile = Profile.load(self.release_dir)
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:
         return self.model.predict(x)

@@ -2,7 +2,7 @@
 
 Layout (the Ansible role and the git hooks rely on it)::
 
-    $MODELSERVE_MODEL_DIR/releases/<version>/{model.keras,model.tflite,metadata.json}
+    $MODELSERVE_MODEL_DIR/releases/<version>/{model.keras,model.tflite,metadata.json[,drift_profile.json]}
     $MODELSERVE_MODEL_DIR/current  -> releases/<version>   (relative symlink, flipped with rename)
     $MODELSERVE_MODEL_DIR/previous -> releases/<version>   (what ``rollback`` goes back to)
 """
@@ -19,10 +19,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from modelserve.drift import PROFILE, check_profile
 from modelserve.features import FEATURES, N_FEATURES
 
 METADATA = "metadata.json"
 MODEL_FILES = ("model.keras", "model.tflite")
+# Files a release may carry, checksummed in metadata.json like the model's: the reference profile
+# of drift detection (modelserve.drift). A release without one serves, with drift off.
+OPTIONAL_FILES = (PROFILE,)
 SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:[-+][0-9A-Za-z.-]+)?$")
 RELEASES = "releases"
 CURRENT = "current"
@@ -107,14 +111,39 @@ def validate_release(release_dir: Path, *, load: bool = True) -> dict[str, Any]:
             problems.append(f"{name} missing")
         elif sha256_file(path) != entry["sha256"]:
             problems.append(f"{name}: sha256 mismatch (file changed after training?)")
-    extra = sorted(set(files) - set(MODEL_FILES))
+    extra = sorted(set(files) - set(MODEL_FILES) - set(OPTIONAL_FILES))
     if extra:
         problems.append(f"files lists unexpected entries {extra}")
+    problems.extend(_check_profile(release_dir, files.get(PROFILE)))
     if not problems and load:
         problems.extend(_check_tflite(release_dir / "model.tflite"))
     if problems:
         raise ReleaseError(f"{release_dir}: invalid release:\n  - " + "\n  - ".join(problems))
     return meta
+
+
+def _check_profile(release_dir: Path, entry: Any) -> list[str]:
+    """The drift profile, when the release has one: listed with its checksum, and well-formed."""
+    path = release_dir / PROFILE
+    if entry is None:
+        return [f"{PROFILE} is not listed in files (name -> sha256)"] if path.exists() else []
+    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+        return [f"files.{PROFILE}.sha256 missing"]
+    if not path.is_file():
+        return [f"{PROFILE} missing (listed in files)"]
+    if sha256_file(path) != entry["sha256"]:
+        return [f"{PROFILE}: sha256 mismatch (file changed after training?)"]
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return [f"{PROFILE}: unreadable or not JSON: {exc}"]
+    return [f"{PROFILE}: {problem}" for problem in check_profile(data)]
+
+
+def release_files(meta: dict[str, Any]) -> tuple[str, ...]:
+    """Every file of a (validated) release: the model's, its optional ones it lists, metadata."""
+    listed = meta.get("files") or {}
+    return (*MODEL_FILES, *(name for name in OPTIONAL_FILES if name in listed), METADATA)
 
 
 def _check_tflite(path: Path) -> list[str]:
@@ -217,7 +246,7 @@ def install(model_dir: Path, source: Path, *, do_activate: bool = False) -> str:
         tmp.chmod(0o755)
         shutil.rmtree(tmp)
     tmp.mkdir()
-    for name in (*MODEL_FILES, METADATA):
+    for name in release_files(meta):
         shutil.copyfile(Path(source) / name, tmp / name)
         (tmp / name).chmod(0o444)
     tmp.chmod(0o555)  # immutable: nothing changes a release once installed (prune removes it whole)

@@ -1,7 +1,9 @@
 """``modelserve-train``: train the Pima diabetes classifier and write one model release directory.
 
-The release holds ``model.keras``, ``model.tflite`` (LiteRT, what the workers serve) and a
-self-describing ``metadata.json``. Metrics are measured on a held-out split never used in training.
+The release holds ``model.keras``, ``model.tflite`` (LiteRT, what the workers serve), the
+reference profile of drift detection ``drift_profile.json`` (the training split's feature and score
+distributions, see :mod:`modelserve.drift`) and a self-describing ``metadata.json``. Metrics are
+measured on a held-out split never used in training.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from modelserve.drift import PROFILE, build_profile
 from modelserve.evaluate import load_csv, roc_auc
 from modelserve.features import FEATURES, N_FEATURES
 from modelserve.litert import TFLiteModel
@@ -115,7 +118,10 @@ def train(
     export_tflite(model, work / "model.tflite")
 
     probs = model.predict(x_test, verbose=0).reshape(-1)
-    lite_probs = np.array(TFLiteModel(work / "model.tflite").predict(x_test))
+    lite = TFLiteModel(work / "model.tflite")
+    lite_probs = np.array(lite.predict(x_test))
+    # The drift reference: the training rows and the scores the served (LiteRT) model gives them.
+    write_profile(work / PROFILE, x_train, np.array(lite.predict(x_train)))
     metrics = {
         "heldout_accuracy": round(float((np.array(labels(probs)) == y_test).mean()), 4),
         "heldout_auc": round(roc_auc(y_test, probs), 4),
@@ -152,7 +158,7 @@ def train(
         },
         "files": {
             name: {"sha256": sha256_file(work / name), "bytes": (work / name).stat().st_size}
-            for name in ("model.keras", "model.tflite")
+            for name in ("model.keras", "model.tflite", PROFILE)
         },
     }
     (work / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -161,6 +167,11 @@ def train(
         release_dir.rmdir()
     os.replace(work, release_dir)
     return meta
+
+
+def write_profile(path: Path, x_train: np.ndarray, scores: np.ndarray) -> None:
+    profile = build_profile(x_train, scores)
+    path.write_text(json.dumps(profile, separators=(",", ":")) + "\n", encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

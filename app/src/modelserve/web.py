@@ -25,6 +25,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from importlib import resources
 from typing import Any, Protocol
 
@@ -130,6 +131,61 @@ def _fleet_version(serving: list[dict[str, Any]]) -> str | None:
         for w in sorted(serving, key=lambda w: w.get("loaded_at") or "")
     }
     return max(count, key=lambda v: (count[v], latest[v]))
+
+
+def _number(value: Any) -> float | None:
+    """A finite number from a worker's status, else None (a status is data from the broker)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        return None
+    return float(value) if abs(value) < 1e300 else None
+
+
+def _fleet_throughput(serving: list[dict[str, Any]]) -> float | None:
+    """Rows per second the serving workers predicted over about the last half minute (summed)."""
+    rates = [r for r in (_number(w.get("rows_per_second")) for w in serving) if r is not None]
+    return round(sum(rates), 2) if rates else None
+
+
+def _fleet_drift(serving: list[dict[str, Any]], version: str) -> dict[str, Any]:
+    """The drift of ``version`` as its workers report it: each worker's window is a share of the
+    traffic, so per column the mean over the workers that have enough rows (the monitoring rule's
+    aggregation too)."""
+    reports = [w["drift"] for w in serving if w["version"] == version and isinstance(w.get("drift"), dict)]
+    on = [d for d in reports if d.get("enabled") is True]
+    if not on:
+        reason = next((str(d.get("reason"))[:200] for d in reports if d.get("reason")), "not reported yet")
+        return {"enabled": False, "reason": reason}
+    out: dict[str, Any] = {
+        "enabled": True,
+        "rows": int(sum(_number(d.get("rows")) or 0 for d in on)),
+        "min_rows": _number(on[0].get("min_rows")),
+        "workers": len(on),
+    }
+    columns: dict[str, dict[str, list[float]]] = {}
+    for report in on:
+        if not isinstance(report.get("columns"), dict):
+            continue
+        for name in ("psi", "ks"):
+            for column in (*FEATURES, "score"):
+                entry = report["columns"].get(column)
+                figure = _number(entry.get(name)) if isinstance(entry, dict) else None
+                if figure is not None:
+                    columns.setdefault(column, {"psi": [], "ks": []})[name].append(figure)
+    out["columns"] = {
+        column: {name: round(sum(v) / len(v), 4) if v else None for name, v in figures.items()}
+        for column, figures in columns.items()
+    }
+    return out
+
+
+def _age_seconds(trained_at: Any) -> float | None:
+    try:
+        trained = datetime.fromisoformat(str(trained_at))
+    except ValueError:
+        return None
+    if trained.tzinfo is None:
+        return None
+    return round(max(0.0, (datetime.now(UTC) - trained).total_seconds()), 1)
 
 
 @dataclass(frozen=True)
@@ -258,6 +314,10 @@ def model() -> Response:
         features=latest.get("features") or list(FEATURES),
         versions=versions,
         workers=workers,
+        # What the page shows beside the version: how old it is, the traffic, and its drift.
+        age_seconds=_age_seconds(latest.get("trained_at")),
+        rows_per_second=_fleet_throughput(serving),
+        drift=_fleet_drift(serving, version),
     )
     return _json(body)
 

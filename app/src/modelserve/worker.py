@@ -9,6 +9,7 @@ on that first access. Imports only numpy + ai-edge-litert, never TensorFlow.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -25,6 +26,7 @@ from kombu import Connection, Producer
 from prometheus_client import start_http_server
 
 from modelserve.config import ConfigError, Settings, load_settings
+from modelserve.drift import DriftMonitor
 from modelserve.metrics import WorkerMetrics, mark_process_dead, prepare_multiproc_dir
 from modelserve.model import ModelHolder, ModelUnavailable, Predictor, trained_timestamp
 from modelserve.protocol import TASK_MODEL_INFO, TASK_PREDICT, settings_task_queue, status_exchange
@@ -72,6 +74,14 @@ class _PerProcess:
         trained = trained_timestamp(model)
         return None if trained is None else (model.version, trained)
 
+    def drift(self, monitor: DriftMonitor) -> tuple[str, dict[str, Any]] | None:
+        """This process's model version and the drift of the window against its profile."""
+        try:
+            model = self.get()
+        except ModelUnavailable:
+            return None
+        return model.version, monitor.summary(model.version, model.drift_profile)
+
     def preload(self, **_: Any) -> None:
         """Load the model when the worker (process) starts, not on the first task."""
         try:
@@ -98,6 +108,10 @@ def _packed_rows(rows_b64: str) -> int:
     return (len(rows_b64) * 3 // 4 - rows_b64[-2:].count("=")) // 32
 
 
+def _drift(task: Task) -> DriftMonitor:
+    return task.app.modelserve_drift
+
+
 def _check_rows(rows: Any) -> None:
     # The web validated already; this guards against other publishers.
     if isinstance(rows, str):
@@ -118,7 +132,14 @@ def predict(task: Task, rows: list[list[float]] | str) -> dict[str, Any]:
             metrics.retries.labels(task.name, "no_model").inc()
         raise task.retry(exc=exc, countdown=0.2) from None
     started = time.perf_counter()
-    result = model.predict_packed(rows) if isinstance(rows, str) else model.predict(rows)
+    # Every predicted row and its score go to the worker's drift window (shared by its processes).
+    drift, version = _drift(task), model.version
+
+    def observe(x, probabilities) -> None:
+        drift.observe(version, x, probabilities)
+
+    predict_rows = model.predict_packed if isinstance(rows, str) else model.predict
+    result = predict_rows(rows, observe)
     metrics.inference.labels(model.version).observe(time.perf_counter() - started)
     metrics.rows.labels(model.version).observe(_packed_rows(rows) if isinstance(rows, str) else len(rows))
     result["worker"] = worker_id()
@@ -149,10 +170,13 @@ class Supervisor:
     needed, and may be off.
     """
 
-    def __init__(self, app: Celery, settings: Settings, source: ModelSource) -> None:
+    def __init__(
+        self, app: Celery, settings: Settings, source: ModelSource, drift: DriftMonitor | None = None
+    ) -> None:
         self.app = app
         self.settings = settings
         self.source = source
+        self.drift = drift
         self.consuming = True  # the worker starts with --queues <task queue>
         self.status: dict[str, Any] = {}
         self._consumer: Any = None
@@ -239,9 +263,20 @@ class Supervisor:
                 if changed:
                     log.warning("worker status: %s", {k: status.get(k) for k in key})
                 self.status = status
-                if self.publish(status):
+                if self.publish({**status, **self.observed()}):
                     next_publish = now + interval
             self._stop.wait(min(interval, max(0.1, self.settings.model_check_interval)))
+
+    def observed(self) -> dict[str, Any]:
+        """What the status adds about the traffic: rows per second over the last half minute, and
+        the drift of the served version (the page shows them; the fleet view sums and averages)."""
+        if self.drift is None:
+            return {}
+        out: dict[str, Any] = {"rows_per_second": self.drift.rows_per_second()}
+        served = self.source.drift(self.drift) if hasattr(self.source, "drift") else None
+        if served is not None:
+            out["drift"] = served[1]
+        return out
 
     def publish(self, status: dict[str, Any]) -> bool:
         """One transient status message; False (and reconnect next time) when the broker failed."""
@@ -384,6 +419,9 @@ def create_celery_app(
     app.modelserve_metrics = metrics = WorkerMetrics()
     app.modelserve_models = source = _PerProcess(lambda: models(settings), observer=metrics)
     metrics.served = source.served
+    # Made here, in the main process, before the prefork pool forks: one window for all its processes.
+    app.modelserve_drift = drift = DriftMonitor(settings.drift_window, settings.drift_min_rows)
+    metrics.drift = functools.partial(source.drift, drift)
     # shared=False: the tasks belong to this app only, not to every Celery app made later.
     app.task(name=TASK_PREDICT, bind=True, shared=False, max_retries=settings.task_max_retries)(predict)
     app.task(name=TASK_MODEL_INFO, bind=True, shared=False)(model_info)
@@ -391,7 +429,7 @@ def create_celery_app(
     signals.worker_process_init.connect(source.preload, weak=False)
     signals.worker_ready.connect(source.preload, weak=False)
     # The main process: consume only with a model, and publish the status (prefork: its own copy).
-    app.modelserve_supervisor = supervisor = Supervisor(app, settings, source)
+    app.modelserve_supervisor = supervisor = Supervisor(app, settings, source, drift)
     signals.worker_ready.connect(supervisor.on_ready, weak=False)
     signals.worker_shutdown.connect(supervisor.on_shutdown, weak=False)
     app.modelserve_metrics_server = server = MetricsServer(app, settings, metrics)

@@ -150,3 +150,40 @@ def test_metrics_are_one_view_per_service_with_the_model_version(base_url, host)
         text = requests.get(f"http://{addr}:{9810 + i - 1}/metrics", timeout=10).text
         assert f'modelserve_worker_model_info{{model_version="{meta["version"]}"}} 1.0' in text, text[-2000:]
         assert f'modelserve_worker_model_age_seconds{{model_version="{meta["version"]}"}}' in text
+
+
+def test_workers_report_drift_against_the_seed_release_profile(base_url, host):
+    """The seed release's drift_profile.json was installed with it; each worker process compares its
+    window of live rows with it and reports PSI and KS per feature and for the score."""
+    env = host.file("/etc/modelserve/modelserve.env").content_string
+    assert "MODELSERVE_DRIFT_WINDOW=1000" in env and "MODELSERVE_DRIFT_MIN_ROWS=200" in env
+    meta = json.loads(host.file("/srv/modelserve/current/metadata.json").content_string)
+    assert host.file("/srv/modelserve/current/drift_profile.json").is_file
+    version, addr = meta["version"], host.interface("eth0").addresses[0]
+    rows = [[i % 10, 80 + i % 90, 70, 20, 80, 25 + i % 20, 0.5, 21 + i % 40] for i in range(250)]
+    urls = [f"http://{addr}:{9810 + i - 1}/metrics" for i in (1, 2)]
+    pattern = rf'^modelserve_worker_drift_window_rows\{{model_version="{re.escape(version)}"\}} (\S+)'
+
+    def window_rows(url):
+        match = re.search(pattern, requests.get(url, timeout=10).text, re.M)
+        return float(match.group(1)) if match else 0.0
+
+    for _ in range(12):  # bounded: batches go to either process until both windows hold 200 rows
+        if min(window_rows(url) for url in urls) >= 200:
+            break
+        assert _predict(base_url, rows, timeout=30).status_code == 200
+    for url in urls:
+        text = requests.get(url, timeout=10).text
+        assert f'modelserve_worker_drift_enabled{{model_version="{version}"}} 1.0' in text, text[-2000:]
+        for feature in (*meta["features"], "score"):
+            labels = f'{{feature="{feature}",model_version="{version}"}}'
+            assert re.search(rf"^modelserve_worker_drift_psi{re.escape(labels)} \d", text, re.M), feature
+            assert re.search(rf"^modelserve_worker_drift_ks_statistic{re.escape(labels)} \d", text, re.M)
+    # The front end's fleet view carries it from the workers' status messages (what the page shows).
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        drift = requests.get(f"{base_url}/api/v1/model", timeout=10).json()["drift"]
+        if drift.get("workers") == 2 and len(drift.get("columns") or {}) == 9:
+            break
+        time.sleep(1)
+    assert drift["enabled"] is True and drift["workers"] == 2 and len(drift["columns"]) == 9, drift

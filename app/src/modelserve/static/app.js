@@ -98,10 +98,85 @@
     }).then(function () { button.disabled = false; });
   });
 
-  fetch("/api/v1/model").then(function (r) { return r.json(); }).then(function (m) {
-    document.getElementById("served-version").textContent = m.version || "unavailable";
-  }).catch(function () {
-    document.getElementById("served-version").textContent = "unavailable";
-  });
+  // --- the served model: version, age, throughput and drift, from /api/v1/model every few seconds ---
+  var STATUS_EVERY_MS = 3000;
+  var COLUMNS = FEATURES.concat(["score"]);
+
+  function text(id, value) { document.getElementById(id).textContent = value; }
+
+  function age(seconds) {
+    if (seconds === null || seconds === undefined) { return "unknown"; }
+    var units = [[86400, "day"], [3600, "hour"], [60, "minute"]];
+    for (var i = 0; i < units.length; i++) {
+      if (seconds >= units[i][0]) {
+        var n = Math.floor(seconds / units[i][0]);
+        return n + " " + units[i][1] + (n === 1 ? "" : "s") + " ago";
+      }
+    }
+    return Math.round(seconds) + " seconds ago";
+  }
+
+  function band(psi) {
+    if (psi === null || psi === undefined) { return "unknown"; }
+    return psi > 0.25 ? "significant" : (psi >= 0.1 ? "moderate" : "stable");
+  }
+
+  function drawDrift(drift) {
+    var body = document.getElementById("drift-rows");
+    while (body.firstChild) { body.removeChild(body.firstChild); }
+    if (!drift || !drift.enabled) {
+      text("drift-state", "off" + (drift && drift.reason ? " (" + drift.reason + ")" : ""));
+      return;
+    }
+    var columns = drift.columns || {};
+    var reported = COLUMNS.filter(function (c) { return columns[c]; });
+    text("drift-state", reported.length
+      ? drift.rows + " live rows in the window" + (drift.workers > 1 ? "s of " + drift.workers + " workers" : "")
+      : "waiting for rows (" + drift.rows + " of " + drift.min_rows + " needed)");
+    reported.forEach(function (c) {
+      var psi = columns[c].psi, ks = columns[c].ks;
+      var tr = document.createElement("tr");
+      tr.id = "drift-" + c;
+      tr.className = band(psi);
+      tr.setAttribute("data-psi", psi);
+      var name = document.createElement("td");
+      name.textContent = c === "score" ? "score (prediction)" : c.replace(/_/g, " ");
+      var value = document.createElement("td");
+      value.className = "num psi";
+      value.textContent = psi === null ? "–" : psi.toFixed(3);
+      var gauge = document.createElement("td");
+      var meter = document.createElement("meter");
+      meter.min = 0; meter.max = 0.5; meter.low = 0.1; meter.high = 0.25; meter.optimum = 0;
+      meter.value = Math.min(psi || 0, 0.5);
+      meter.title = band(psi);
+      gauge.appendChild(meter);
+      var kstd = document.createElement("td");
+      kstd.className = "num ks";
+      kstd.textContent = ks === null ? "–" : ks.toFixed(3);
+      [name, value, gauge, kstd].forEach(function (td) { tr.appendChild(td); });
+      body.appendChild(tr);
+    });
+  }
+
+  function refreshStatus() {
+    fetch("/api/v1/model", { headers: { "Accept": "application/json" } }).then(function (r) {
+      return r.json().then(function (m) { return { ok: r.ok, body: m }; });
+    }).then(function (r) {
+      var m = r.body;
+      text("served-version", r.ok ? m.version : "unavailable");
+      text("status-version", r.ok ? m.version : "no worker has a loadable model");
+      text("status-age", r.ok ? age(m.age_seconds) : "–");
+      text("status-throughput", r.ok && m.rows_per_second !== null && m.rows_per_second !== undefined
+        ? m.rows_per_second.toFixed(1) + " predictions/s" : "–");
+      drawDrift(r.ok ? m.drift : null);
+      text("status-updated", "last at " + new Date().toLocaleTimeString());
+    }).catch(function () {
+      text("served-version", "unavailable");
+      text("status-version", "unavailable");
+    });
+  }
+
+  refreshStatus();
+  setInterval(refreshStatus, STATUS_EVERY_MS);
   drawChart();
 })();
