@@ -32,6 +32,19 @@ def base_url(host):
     return f"http://{addr}:{PORT}"
 
 
+def _metrics(url, timeout=90):
+    """A worker process's /metrics text. It is served from the worker's ready signal on: after a
+    restart (test_serves_while_one_worker_process_restarts) that takes a while on a loaded host."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return requests.get(url, timeout=10).text
+        except requests.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
 def _predict(base_url, rows, timeout=10):
     return requests.post(f"{base_url}/api/v1/predict", json={"rows": rows}, timeout=timeout)
 
@@ -147,7 +160,7 @@ def test_metrics_are_one_view_per_service_with_the_model_version(base_url, host)
     meta = json.loads(host.file("/srv/modelserve/current/metadata.json").content_string)
     for i in (1, 2):
         assert host.file(f"/run/modelserve-worker-{i}").is_directory
-        text = requests.get(f"http://{addr}:{9810 + i - 1}/metrics", timeout=10).text
+        text = _metrics(f"http://{addr}:{9810 + i - 1}/metrics")
         assert f'modelserve_worker_model_info{{model_version="{meta["version"]}"}} 1.0' in text, text[-2000:]
         assert f'modelserve_worker_model_age_seconds{{model_version="{meta["version"]}"}}' in text
 
@@ -165,7 +178,7 @@ def test_workers_report_drift_against_the_seed_release_profile(base_url, host):
     pattern = rf'^modelserve_worker_drift_window_rows\{{model_version="{re.escape(version)}"\}} (\S+)'
 
     def window_rows(url):
-        match = re.search(pattern, requests.get(url, timeout=10).text, re.M)
+        match = re.search(pattern, _metrics(url), re.M)
         return float(match.group(1)) if match else 0.0
 
     for _ in range(12):  # bounded: batches go to either process until both windows hold 200 rows
@@ -173,7 +186,7 @@ def test_workers_report_drift_against_the_seed_release_profile(base_url, host):
             break
         assert _predict(base_url, rows, timeout=30).status_code == 200
     for url in urls:
-        text = requests.get(url, timeout=10).text
+        text = _metrics(url)
         assert f'modelserve_worker_drift_enabled{{model_version="{version}"}} 1.0' in text, text[-2000:]
         for feature in (*meta["features"], "score"):
             labels = f'{{feature="{feature}",model_version="{version}"}}'
