@@ -70,11 +70,11 @@ def test_workers_admit_ssh_from_workers_only_where_needed(env, tmp_path, ansible
     # git_deploy's post-receive hook fans a push out by SSH from the repository worker to the other
     # workers: the workers' group must admit SSH from itself, and no other group from the workers.
     rules = _rules(env, tmp_path, ansible_bin, ansible_env)
-    assert set(rules) == {"broker", "frontend", "workers", "development"}, rules
+    assert set(rules) == {"broker", "frontend", "workers", "development", "monitoring"}, rules
     prefix = f"modelserve-{env}-"
     workers = _ssh_from_groups(rules["workers"])
     assert workers == {prefix + "development", prefix + "workers"}, rules["workers"]
-    for group in ("broker", "frontend"):
+    for group in ("broker", "frontend", "monitoring"):
         assert _ssh_from_groups(rules[group]) == {prefix + "development"}, rules[group]
     assert _ssh_from_groups(rules["development"]) == set(), rules["development"]
     for group, group_rules in rules.items():

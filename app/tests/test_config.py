@@ -68,6 +68,9 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
         ("MODELSERVE_WORKER_METRICS_PORT", "-1"),
         ("MODELSERVE_WORKER_METRICS_PORT", "65536"),
         ("MODELSERVE_WORKER_INSTANCE", "0"),
+        ("MODELSERVE_WEB_METRICS_PORT", "-1"),
+        ("MODELSERVE_WEB_METRICS_PORT", "65536"),
+        ("MODELSERVE_WEB_METRICS_PORT", "http"),
     ],
 )
 def test_malformed_values_are_rejected(key, value):
@@ -89,6 +92,19 @@ def test_worker_metrics_bind_per_instance():
     assert s.worker_metrics_bind == ("10.0.0.5", 9902)  # instance i on port + i - 1
     off = load_settings({"MODELSERVE_BROKER_URL": URL, "MODELSERVE_WORKER_METRICS_PORT": "0"})
     assert off.worker_metrics_bind is None
+
+
+def test_web_metrics_port_is_off_unless_set():
+    s = load_settings({"MODELSERVE_BROKER_URL": URL})
+    assert (s.web_metrics_address, s.web_metrics_port) == ("127.0.0.1", 0)  # /metrics on the HTTP port
+    s = load_settings(
+        {
+            "MODELSERVE_BROKER_URL": URL,
+            "MODELSERVE_WEB_METRICS_PORT": "9800",
+            "MODELSERVE_WEB_METRICS_ADDRESS": "10.0.0.5",
+        }
+    )
+    assert (s.web_metrics_address, s.web_metrics_port) == ("10.0.0.5", 9800)
 
 
 def test_env_file_syntax_errors_name_the_line():

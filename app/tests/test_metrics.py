@@ -83,6 +83,28 @@ def test_web_counters_are_one_view_of_every_gunicorn_process(make_stack):
     assert value(samples, "modelserve_predictions_total", model_version="1.0.0") == predictions
 
 
+def test_web_metrics_on_their_own_port_are_served_by_the_gunicorn_master(make_stack):
+    port = devstack.free_port()
+    stack = make_stack(workers=1, MODELSERVE_WEB_METRICS_PORT=str(port))
+    stack.wait_ready()
+    metrics_url = f"http://127.0.0.1:{port}/metrics"
+    assert requests.get(f"{stack.url}/metrics", timeout=10).status_code == 404  # not on the clients' port
+    healthz = {"endpoint": "/healthz", "method": "GET", "status": "200"}
+    already = value(scrape(metrics_url), "modelserve_http_requests_total", **healthz)
+    pids = _healthz_pids(stack.url, 40)
+    samples = scrape(metrics_url)
+    assert value(samples, "modelserve_http_requests_total", **healthz) == already + 40
+    # The request processes' own view of the fleet, refreshed in the background, reaches the master.
+    wait_for(
+        lambda: value(scrape(metrics_url), "modelserve_queue_consumers") >= 1, what="the consumers gauge"
+    )
+    # Every request process killed at once: the master still answers, with the counts so far.
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    samples = scrape(metrics_url)
+    assert value(samples, "modelserve_http_requests_total", **healthz) >= already + 40
+
+
 @pytest.mark.parametrize("pool", ["threads", "prefork"])
 def test_worker_metrics_grow_with_predictions(make_stack, pool):
     """The worker's endpoint (its main process) counts what its threads or pool children did."""

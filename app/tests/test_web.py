@@ -108,6 +108,15 @@ def test_openapi_document(client):
     assert answers >= {"200", "400", "413", "415", "422", "503"}
 
 
+def test_metrics_are_not_served_on_the_http_port_when_they_have_their_own(fake_tasks):
+    # The gunicorn master serves them on MODELSERVE_WEB_METRICS_PORT (gunicorn_hooks); the clients'
+    # port answers 404, as for any unknown path.
+    c = create_app(make_settings(MODELSERVE_WEB_METRICS_PORT="9800"), tasks=fake_tasks).test_client()
+    assert c.get("/healthz").status_code == 200
+    r = c.get("/metrics")
+    assert r.status_code == 404 and "modelserve_" not in r.get_data(as_text=True)
+
+
 def test_metrics_count_requests_and_latency(client):
     client.post("/api/v1/predict", json={"rows": [[1, 2, 3, 4, 5, 6, 0.1, 8]]})
     client.post("/api/v1/predict", json={"rows": []})

@@ -108,6 +108,8 @@ class Settings:
     worker_metrics_address: str
     worker_metrics_port: int
     worker_instance: int
+    web_metrics_address: str
+    web_metrics_port: int
     # Drift detection (modelserve.drift): the last N rows a worker predicted (0: off), and the rows
     # the window needs before the worker reports PSI and KS.
     drift_window: int = 1000
@@ -196,6 +198,11 @@ def load_settings(environ: Mapping[str, str] | None = None, *, require_broker: b
             "MODELSERVE_WORKER_METRICS_PORT + MODELSERVE_WORKER_INSTANCE - 1 must be a port (<= 65535),"
             f" got {metrics_port} + {instance} - 1"
         )
+    web_metrics_port = _int(values, "MODELSERVE_WEB_METRICS_PORT", 0, minimum=0)
+    if web_metrics_port > 65535:
+        raise ConfigError(
+            f"MODELSERVE_WEB_METRICS_PORT must be a port (0: off, else <= 65535), got {web_metrics_port}"
+        )
     return Settings(
         broker_url=broker_url,
         model_dir=Path(values.get("MODELSERVE_MODEL_DIR", "") or "/srv/modelserve"),
@@ -228,6 +235,9 @@ def load_settings(environ: Mapping[str, str] | None = None, *, require_broker: b
         worker_metrics_address=values.get("MODELSERVE_WORKER_METRICS_ADDRESS", "") or "127.0.0.1",
         worker_metrics_port=metrics_port,
         worker_instance=instance,
+        # The web's /metrics on its own port, served by the gunicorn master (0: on the HTTP port).
+        web_metrics_address=values.get("MODELSERVE_WEB_METRICS_ADDRESS", "") or "127.0.0.1",
+        web_metrics_port=web_metrics_port,
         drift_window=_int(values, "MODELSERVE_DRIFT_WINDOW", 1000, minimum=0),
         drift_min_rows=_int(values, "MODELSERVE_DRIFT_MIN_ROWS", 200),
     )

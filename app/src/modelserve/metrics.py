@@ -23,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily
@@ -63,6 +64,21 @@ def prepare_multiproc_dir(service: str) -> Path:
         else:
             entry.unlink()
     return root
+
+
+def serve_multiprocess(address: str, port: int) -> Any:
+    """Serve every process's samples (the multiprocess directory) over HTTP from this process.
+
+    The gunicorn master's metrics port (``gunicorn_hooks.when_ready``): it answers while the
+    request threads are busy, and only what the multiprocess files hold (the scrape-time gauges
+    are written by the processes that compute them). Returns the HTTP server (``.socket``).
+    """
+    from prometheus_client import start_http_server
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    server, _thread = start_http_server(port, addr=address, registry=registry)
+    return server
 
 
 def mark_process_dead(pid: int) -> None:

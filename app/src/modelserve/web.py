@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from importlib import resources
 from typing import Any, Protocol
 
-from flask import Blueprint, Flask, Response, current_app, g, request
+from flask import Blueprint, Flask, Response, abort, current_app, g, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from modelserve import __version__
@@ -364,14 +364,32 @@ def readyz() -> Response:
     return _json(body, status)
 
 
-@ops.get("/metrics")
-def prometheus() -> Response:
-    s = services()
+def _fleet_gauges(s: Services) -> None:
+    """The scrape-time gauges, from this process's view of the broker and the fleet."""
     consumers = s.tasks.consumers()
     s.metrics.queue_consumers.set(-1 if consumers is None else consumers)
     states = Counter(w.get("state") for w in s.tasks.fleet())
     for state in WORKER_STATES:
         s.metrics.fleet_workers.labels(state).set(states.get(state, 0))
+
+
+def _refresh_fleet_gauges(s: Services) -> None:
+    """Every status interval, for the life of the process (a daemon thread)."""
+    while True:
+        try:
+            _fleet_gauges(s)
+        except Exception:  # never kill the thread over one failed read; the log says why
+            log.exception("metrics: refreshing the fleet gauges failed")
+        time.sleep(s.settings.status_interval)
+
+
+@ops.get("/metrics")
+def prometheus() -> Response:
+    s = services()
+    if s.settings.web_metrics_port:
+        # Served by the gunicorn master on its own port (gunicorn_hooks), not to the clients.
+        abort(404)
+    _fleet_gauges(s)
     # Every gunicorn process's samples (multiprocess mode): whichever process answers, one view.
     return Response(s.metrics.render(), content_type=CONTENT_TYPE)
 
@@ -425,7 +443,13 @@ def create_app(settings: Settings | None = None, tasks: TaskLayer | None = None)
     app = Flask(__name__, static_folder=None)
     # A bound on the body too: rows * ~150 bytes of JSON each, plus slack.
     app.config["MAX_CONTENT_LENGTH"] = max(64 * 1024, settings.max_batch_rows * 400)
-    app.extensions["modelserve"] = Services(settings, tasks, metrics, Readiness(settings, tasks))
+    services_ = Services(settings, tasks, metrics, Readiness(settings, tasks))
+    app.extensions["modelserve"] = services_
+    if settings.web_metrics_port and isinstance(tasks, TaskClient):
+        # The master serves /metrics from the multiprocess files: keep this process's gauges there.
+        gauges = threading.Thread(target=_refresh_fleet_gauges, args=(services_,), name="modelserve-gauges")
+        gauges.daemon = True
+        gauges.start()
     from modelserve.oip import oip  # here: oip imports this module
 
     for blueprint in (api, ops, page, oip):

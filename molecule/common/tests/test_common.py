@@ -188,3 +188,22 @@ def test_admin_users_and_sudoers(host):
 def test_timesyncd_installed_not_started_in_container(host):
     assert host.package("systemd-timesyncd").is_installed
     assert not host.service("systemd-timesyncd").is_running
+
+
+# --- node exporter ---------------------------------------------------------------------------------
+
+
+def test_node_exporter_serves_host_metrics_through_the_firewall(host, address):
+    # converge.yml opens 9100 to the Docker networks (common_firewall_extra_rules): the controller
+    # scrapes it as Prometheus on the cluster network would.
+    assert host.service("prometheus-node-exporter").is_enabled
+    assert host.service("prometheus-node-exporter").is_running
+    assert "--web.listen-address=:9100" in host.file("/etc/default/prometheus-node-exporter").content_string
+    with socket.create_connection((address, 9100), timeout=5) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        body = b""
+        while chunk := sock.recv(65536):
+            body += chunk
+    text = body.decode(errors="replace")
+    assert text.startswith("HTTP/1.0 200") or text.startswith("HTTP/1.1 200"), text[:200]
+    assert "node_filesystem_avail_bytes" in text and "node_load1 " in text

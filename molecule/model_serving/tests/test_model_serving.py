@@ -9,6 +9,7 @@ import pytest
 import requests
 
 PORT = 8080
+WEB_METRICS_PORT = 9800  # model_serving_web_metrics_port's default
 ROW = [6, 148, 72, 35, 0, 33.6, 0.627, 50]
 # `systemd-analyze security` exposure (0 best .. 10 worst) the units must stay below: the level
 # stated in roles/model_serving/README.md ("Service sandbox").
@@ -153,10 +154,12 @@ def test_metrics_are_one_view_per_service_with_the_model_version(base_url, host)
     own /metrics on the host's address (instance i on 9810 + i - 1), from its RuntimeDirectory."""
     for _ in range(5):
         assert _predict(base_url, [ROW]).status_code == 200
-    web = requests.get(f"{base_url}/metrics", timeout=10).text
+    addr = host.interface("eth0").addresses[0]
+    # The web's: on their own port, served by the gunicorn master; not on the clients' port.
+    assert requests.get(f"{base_url}/metrics", timeout=10).status_code == 404
+    web = requests.get(f"http://{addr}:{WEB_METRICS_PORT}/metrics", timeout=10).text
     assert "pid=" not in web
     assert re.search(r'^modelserve_predictions_total\{model_version="[^"]+"\} \d', web, re.M), web[-2000:]
-    addr = host.interface("eth0").addresses[0]
     meta = json.loads(host.file("/srv/modelserve/current/metadata.json").content_string)
     for i in (1, 2):
         assert host.file(f"/run/modelserve-worker-{i}").is_directory

@@ -7,6 +7,7 @@ addresses on the Molecule docker network, i.e. the way a Celery worker on anothe
 import hashlib
 import json
 import os
+import urllib.request
 import uuid
 
 import amqp
@@ -20,6 +21,7 @@ APP_USER = "modelserve"
 VHOST = "modelserve"
 AMQP_PORT = 5672
 MANAGEMENT_PORT = 15672
+PROMETHEUS_PORT = 15692
 BROKERS = ["rabbitmq-1", "rabbitmq-2", "rabbitmq-3"]
 NODES = sorted(f"rabbit@{name}" for name in BROKERS)
 
@@ -88,6 +90,17 @@ def test_management_not_listening_by_default(host):
     assert not host.socket(f"tcp://{MANAGEMENT_PORT}").is_listening
     enabled = host.file("/etc/rabbitmq/enabled_plugins")
     assert not enabled.exists or "rabbitmq_management" not in enabled.content_string
+
+
+def test_prometheus_plugin_serves_the_node_metrics_on_the_cluster_ip(host, cluster_ip):
+    # rabbitmq_prometheus, read from the controller as a Prometheus on the cluster network would.
+    assert "rabbitmq_prometheus" in host.file("/etc/rabbitmq/enabled_plugins").content_string
+    assert host.socket(f"tcp://{cluster_ip}:{PROMETHEUS_PORT}").is_listening
+    assert not host.socket(f"tcp://0.0.0.0:{PROMETHEUS_PORT}").is_listening
+    with urllib.request.urlopen(f"http://{cluster_ip}:{PROMETHEUS_PORT}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    node = host.backend.get_hostname()
+    assert "rabbitmq_identity_info{" in text and f'rabbitmq_node="rabbit@{node}"' in text
 
 
 def test_guest_deleted_app_user_present(host):
