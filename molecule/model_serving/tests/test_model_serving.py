@@ -38,8 +38,22 @@ def test_services_run_as_the_app_user(host):
 def test_environment_file_holds_the_secret_privately(host):
     env = host.file("/etc/modelserve/modelserve.env")
     assert env.mode == 0o640 and env.user == "root" and env.group == "modelserve"
-    assert "amqp://modelserve:" in env.content_string
+    assert "amqps://modelserve:" in env.content_string and "amqp://" not in env.content_string
     assert "guest" not in env.content_string
+
+
+def test_broker_client_certificate_of_the_cluster_ca(host):
+    """amqps with verify_peer: this host's client certificate, signed by the cluster CA, key private."""
+    env = host.file("/etc/modelserve/modelserve.env").content_string
+    assert "MODELSERVE_BROKER_TLS_CA=/etc/modelserve/tls/broker-ca.pem" in env
+    key = host.file("/etc/modelserve/tls/broker-client.key.pem")
+    assert key.mode == 0o600 and key.user == "modelserve"
+    with host.sudo():
+        out = host.run(
+            "openssl verify -purpose sslclient -CAfile /etc/modelserve/tls/broker-ca.pem"
+            " /etc/modelserve/tls/broker-client.pem"
+        )
+    assert out.rc == 0, out.stderr
 
 
 def test_current_points_at_the_seed_release(host):
@@ -113,6 +127,19 @@ def test_sandboxed_worker_computes_with_litert_and_numpy(base_url, host):
         assert "Operation not permitted" not in log, log[-2000:]
 
 
+def _worker_metrics(url, wait=90):
+    """A worker's /metrics, once it serves them: it opens the port when Celery is ready (connected to
+    the broker, model loaded), and worker@1 was restarted by an earlier test. Bounded."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return requests.get(url, timeout=10).text
+        except requests.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
 def test_metrics_are_one_view_per_service_with_the_model_version(base_url, host):
     """The web's counts cover both gunicorn processes (no pid label); each worker process serves its
     own /metrics on the host's address (instance i on 9810 + i - 1), from its RuntimeDirectory."""
@@ -125,6 +152,6 @@ def test_metrics_are_one_view_per_service_with_the_model_version(base_url, host)
     meta = json.loads(host.file("/srv/modelserve/current/metadata.json").content_string)
     for i in (1, 2):
         assert host.file(f"/run/modelserve-worker-{i}").is_directory
-        text = requests.get(f"http://{addr}:{9810 + i - 1}/metrics", timeout=10).text
+        text = _worker_metrics(f"http://{addr}:{9810 + i - 1}/metrics")
         assert f'modelserve_worker_model_info{{model_version="{meta["version"]}"}} 1.0' in text, text[-2000:]
         assert f'modelserve_worker_model_age_seconds{{model_version="{meta["version"]}"}}' in text
