@@ -121,7 +121,7 @@ def test_an_inventory_overrides_a_wiring_value(tmp_path, ansible_bin, ansible_en
     for v in got:
         assert v["modelserve_http_port"] == v["model_serving_http_port"] == 8081, v
         assert v["common_firewall_rules_by_group"]["frontend"][0]["port"] == 8081, v
-        assert v["rabbitmq_amqp_port"] == 5672, v
+        assert v["rabbitmq_amqp_port"] == 5671, v
 
     # Nothing beside site.yml or the plays (group_vars/ there outrank inventories) hides it either.
     for playbook_dir in (ROOT, ROOT / "playbooks"):

@@ -24,7 +24,7 @@ PLAY = """
 """
 CREDENTIALS = {
     "host": "broker",
-    "port": 5672,
+    "port": 5671,
     "user": "modelserve",
     "password": "x" * 24,
     "vhost": "modelserve",

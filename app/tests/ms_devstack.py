@@ -31,6 +31,68 @@ def rabbitmq_available() -> bool:
     return os.access(RABBITMQ_SERVER, os.X_OK) and os.access(RABBITMQCTL, os.X_OK)
 
 
+def make_tls(out: Path) -> dict[str, str]:
+    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate (ECC P-256 PEMs),
+    the way roles/pki makes them for the brokers and the web/worker hosts."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    out.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def issue(cn, key, ca_key, ca_name, *, ca=False, usage=None, sans=()):
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn))
+            .issuer_name(ca_name or name(cn))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if usage:
+            builder = builder.add_extension(x509.ExtendedKeyUsage(usage), critical=False)
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
+        return builder.sign(ca_key or key, hashes.SHA256())
+
+    files: dict[str, str] = {}
+
+    def write(stem: str, cert, key) -> None:
+        (out / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        (out / f"{stem}.key.pem").write_bytes(key_pem)
+        (out / f"{stem}.key.pem").chmod(0o600)
+        files[stem], files[f"{stem}_key"] = str(out / f"{stem}.pem"), str(out / f"{stem}.key.pem")
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = issue("devstack CA", ca_key, None, None, ca=True)
+    write("ca", ca_cert, ca_key)
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    sans = (x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    server = issue(
+        "localhost", server_key, ca_key, ca_cert.subject, usage=[ExtendedKeyUsageOID.SERVER_AUTH], sans=sans
+    )
+    write("server", server, server_key)
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    client = issue(
+        "devstack client", client_key, ca_key, ca_cert.subject, usage=[ExtendedKeyUsageOID.CLIENT_AUTH]
+    )
+    write("client", client, client_key)
+    return files
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -41,6 +103,7 @@ class RabbitMQ:
     def __init__(self, base: Path) -> None:
         self.base = Path(base)
         self.port = free_port()
+        self.tls_port = free_port()
         self.dist_port = free_port()
         self.epmd_port = free_port()
         self.node = f"ms{secrets.token_hex(4)}@localhost"
@@ -54,9 +117,17 @@ class RabbitMQ:
         home = self.base / "home"
         for sub in ("home", "mnesia", "log"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
+        # Also AMQP over TLS, as the rabbitmq role serves it: verify_peer + fail_if_no_peer_cert.
+        self.tls = make_tls(self.base / "tls")
         conf = self.base / "rabbitmq.conf"
         conf.write_text(
             f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
+            f"listeners.ssl.default = 127.0.0.1:{self.tls_port}\n"
+            f"ssl_options.cacertfile = {self.tls['ca']}\n"
+            f"ssl_options.certfile = {self.tls['server']}\n"
+            f"ssl_options.keyfile = {self.tls['server_key']}\n"
+            "ssl_options.verify = verify_peer\n"
+            "ssl_options.fail_if_no_peer_cert = true\n"
             "disk_free_limit.absolute = 50MB\n"
             "vm_memory_high_watermark.relative = 0.3\n"
             "log.console = false\n"
@@ -85,6 +156,20 @@ class RabbitMQ:
     @property
     def url(self) -> str:
         return f"amqp://{self.user}:{self.password}@127.0.0.1:{self.port}/{self.vhost}"
+
+    @property
+    def tls_url(self) -> str:
+        return f"amqps://{self.user}:{self.password}@127.0.0.1:{self.tls_port}/{self.vhost}"
+
+    def tls_env(self, client_cert: bool = True) -> dict[str, str]:
+        """The MODELSERVE_BROKER_TLS_* settings of a client of tls_url."""
+        env = {"MODELSERVE_BROKER_TLS_CA": self.tls["ca"]}
+        if client_cert:
+            env.update(
+                MODELSERVE_BROKER_TLS_CERT=self.tls["client"],
+                MODELSERVE_BROKER_TLS_KEY=self.tls["client_key"],
+            )
+        return env
 
     def ctl(self, *args: str, stdin: str | None = None, timeout: float = 60) -> str:
         proc = subprocess.run(

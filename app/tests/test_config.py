@@ -159,3 +159,57 @@ def test_the_celery_app_follows_the_broker_settings():
     app = create_celery_app(load_settings(on))
     assert app.conf.worker_enable_remote_control is True
     assert not app.conf.task_queues[0].queue_arguments  # the classic queue of before: no arguments
+
+
+TLS_URL = "amqps://svc:s3cret@10.0.0.5:5671/modelserve;amqps://svc:s3cret@10.0.0.6:5671/modelserve"
+
+
+def test_amqps_needs_the_ca_and_all_nodes_alike():
+    with pytest.raises(ConfigError, match="MODELSERVE_BROKER_TLS_CA"):
+        load_settings({"MODELSERVE_BROKER_URL": TLS_URL})
+    mixed = TLS_URL.split(";")[0] + ";" + URL
+    with pytest.raises(ConfigError, match="every broker node or for none"):
+        load_settings({"MODELSERVE_BROKER_URL": mixed, "MODELSERVE_BROKER_TLS_CA": "/ca.pem"})
+    with pytest.raises(ConfigError, match="set together"):
+        env = {"MODELSERVE_BROKER_URL": TLS_URL, "MODELSERVE_BROKER_TLS_CA": "/ca.pem"}
+        load_settings({**env, "MODELSERVE_BROKER_TLS_CERT": "/c"})
+    assert load_settings({"MODELSERVE_BROKER_URL": URL}).broker_ssl() is False
+
+
+def test_tls_options_check_each_nodes_name():
+    """kombu writes the node it connects to into the options (pyamqp.Transport.establish_connection):
+    the next connection, to another node, must be checked against that node's name, not the first's."""
+    import ssl
+
+    from kombu.transport.pyamqp import Transport
+
+    env = {
+        "MODELSERVE_BROKER_URL": TLS_URL,
+        "MODELSERVE_BROKER_TLS_CA": "/etc/modelserve/tls/broker-ca.pem",
+        "MODELSERVE_BROKER_TLS_CERT": "/etc/modelserve/tls/broker-client.pem",
+        "MODELSERVE_BROKER_TLS_KEY": "/etc/modelserve/tls/broker-client.key.pem",
+    }
+    options = load_settings(env).broker_ssl()
+    assert dict(options) == {
+        "ca_certs": env["MODELSERVE_BROKER_TLS_CA"],
+        "cert_reqs": ssl.CERT_REQUIRED,
+        "server_hostname": None,
+        "certfile": env["MODELSERVE_BROKER_TLS_CERT"],
+        "keyfile": env["MODELSERVE_BROKER_TLS_KEY"],
+    }
+    seen = []
+
+    class Recorder:
+        def __init__(self, **opts):
+            seen.append(dict(**opts["ssl"])["server_hostname"])
+            raise ConnectionRefusedError  # stop before any network
+
+    from kombu import Connection
+
+    for host in ("10.0.0.5", "10.0.0.6"):
+        conn = Connection(f"amqps://svc:pw@{host}:5671/modelserve", ssl=options)
+        transport = Transport(conn)
+        transport.Connection = Recorder
+        with pytest.raises(ConnectionRefusedError):
+            transport.establish_connection()
+    assert seen == ["10.0.0.5", "10.0.0.6"]

@@ -113,6 +113,7 @@ class BrokerNodes:
                 url,
                 connect_timeout=self.settings.broker_connect_timeout,
                 heartbeat=self.settings.broker_heartbeat,
+                ssl=self.settings.broker_ssl(),
             )
             try:
                 conn.connect()

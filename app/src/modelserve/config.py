@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -114,6 +115,23 @@ class Settings:
     # the window needs before the worker reports PSI and KS.
     drift_window: int = 1000
     drift_min_rows: int = 200
+    broker_tls_ca: str = ""
+    broker_tls_cert: str = ""
+    broker_tls_key: str = ""
+
+    def broker_ssl(self) -> TLSOptions | bool:
+        """kombu's ``ssl`` for amqps:// URLs (False for amqp://): a new object for each connection.
+
+        The broker's certificate is verified against ``broker_tls_ca``, with its name checked
+        against the host of the URL the connection uses; this host's certificate and key (when
+        set) are offered to brokers that require one (``fail_if_no_peer_cert``).
+        """
+        if not self.broker_url.startswith("amqps://"):
+            return False
+        options = TLSOptions(ca_certs=self.broker_tls_ca, cert_reqs=ssl.CERT_REQUIRED, server_hostname=None)
+        if self.broker_tls_cert:
+            options.update(certfile=self.broker_tls_cert, keyfile=self.broker_tls_key)
+        return options
 
     @property
     def worker_metrics_bind(self) -> tuple[str, int] | None:
@@ -136,6 +154,20 @@ class Settings:
                 value = mask_url(value)
             out[f.name] = str(value) if isinstance(value, Path) else value
         return out
+
+
+class TLSOptions(dict):
+    """TLS options whose ``server_hostname`` kombu fills in with each connection's broker node.
+
+    kombu replaces a ``server_hostname`` of None with the host it connects to, but in the dict it
+    was given: every later connection made with it (a failover to the next node, Celery's next
+    connection) would then check the first node's name. Read as None, kombu sets it anew each time.
+    """
+
+    def __getitem__(self, key: str) -> object:
+        if key == "server_hostname":
+            return None
+        return super().__getitem__(key)
 
 
 def split_urls(value: str) -> list[str]:
@@ -178,6 +210,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, require_broker: b
                 f" got {mask_url(broker_url)}"
             )
         broker_url = ";".join(urls)
+    tls = broker_tls_settings(values, split_urls(broker_url))
 
     bind = values.get("MODELSERVE_BIND", "") or "127.0.0.1:8080"
     pool = values.get("MODELSERVE_WORKER_POOL", "") or "threads"
@@ -240,4 +273,26 @@ def load_settings(environ: Mapping[str, str] | None = None, *, require_broker: b
         web_metrics_port=web_metrics_port,
         drift_window=_int(values, "MODELSERVE_DRIFT_WINDOW", 1000, minimum=0),
         drift_min_rows=_int(values, "MODELSERVE_DRIFT_MIN_ROWS", 200),
+        **tls,
     )
+
+
+def broker_tls_settings(values: Mapping[str, str], urls: list[str]) -> dict[str, str]:
+    """The client side of the broker's TLS: all URLs amqps:// (with a CA) or none."""
+    tls = {
+        "broker_tls_ca": values.get("MODELSERVE_BROKER_TLS_CA", "").strip(),
+        "broker_tls_cert": values.get("MODELSERVE_BROKER_TLS_CERT", "").strip(),
+        "broker_tls_key": values.get("MODELSERVE_BROKER_TLS_KEY", "").strip(),
+    }
+    secure = [u.startswith("amqps://") for u in urls]
+    if any(secure) and not all(secure):
+        raise ConfigError("MODELSERVE_BROKER_URL must use amqps:// for every broker node or for none")
+    if any(secure) and not tls["broker_tls_ca"]:
+        raise ConfigError(
+            "MODELSERVE_BROKER_TLS_CA must name the CA certificate (PEM) that signed the brokers'"
+            " certificates when MODELSERVE_BROKER_URL is amqps://"
+            " (a public CA: /etc/ssl/certs/ca-certificates.crt)"
+        )
+    if bool(tls["broker_tls_cert"]) != bool(tls["broker_tls_key"]):
+        raise ConfigError("MODELSERVE_BROKER_TLS_CERT and MODELSERVE_BROKER_TLS_KEY must be set together")
+    return tls

@@ -290,6 +290,7 @@ class Supervisor:
                     self.settings.broker_url,
                     connect_timeout=self.settings.broker_connect_timeout,
                     heartbeat=0,
+                    ssl=self.settings.broker_ssl(),
                 )
                 self._producer = Producer(self._conn.channel(), exchange=exchange, serializer="json")
                 exchange(self._producer.channel).declare()
@@ -390,6 +391,8 @@ def create_celery_app(
         broker_connection_retry_on_startup=True,
         # AMQP heartbeats: a silently dead broker node is noticed within two intervals.
         broker_heartbeat=settings.broker_heartbeat,
+        # amqps://: the brokers' CA, this host's client certificate, each node's name checked.
+        broker_use_ssl=settings.broker_ssl(),
         # Off unless asked: whoever can publish to the broker could otherwise inspect, purge or shut
         # down the workers with `celery control`. Nothing here uses it (readiness counts the queue's
         # consumers; the fleet view hears the workers' status messages).

@@ -77,6 +77,12 @@ def test_broker_refuses_guest_and_listens_on_the_cluster_network():
     broker = _host("cl-broker")
     users = broker.check_output("rabbitmqctl -q list_users")
     assert "guest" not in users and "modelserve" in users
+    # AMQP over TLS only: the front end reaches 5671, and nothing answers on plain 5672.
+    probe = "import socket,sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5).close()"
+    broker_ip = broker.interface("eth0").addresses[0]
+    frontend = _host("cl-frontend")
+    assert frontend.run("python3 -c %s %s 5671", probe, broker_ip).rc == 0
+    assert frontend.run("python3 -c %s %s 5672", probe, broker_ip).rc != 0
 
 
 def test_every_worker_host_consumes_on_its_own(url):
@@ -107,4 +113,4 @@ def test_spare_host_joined_after_side_effect():
     assert spare.service("modelserve-worker@1").is_running
     env = spare.file("/etc/modelserve/modelserve.env").content_string
     broker_ip = _host("cl-broker").interface("eth0").addresses[0]
-    assert f"@{broker_ip}:5672/" in env or "@cl-broker:5672/" in env
+    assert "amqps://" in env and (f"@{broker_ip}:5671/" in env or "@cl-broker:5671/" in env)

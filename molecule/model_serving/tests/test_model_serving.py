@@ -74,8 +74,22 @@ def test_installed_versions_are_exactly_the_lock(host):
 def test_environment_file_holds_the_secret_privately(host):
     env = host.file("/etc/modelserve/modelserve.env")
     assert env.mode == 0o640 and env.user == "root" and env.group == "modelserve"
-    assert "amqp://modelserve:" in env.content_string
+    assert "amqps://modelserve:" in env.content_string and "amqp://" not in env.content_string
     assert "guest" not in env.content_string
+
+
+def test_broker_client_certificate_of_the_cluster_ca(host):
+    """amqps with verify_peer: this host's client certificate, signed by the cluster CA, key private."""
+    env = host.file("/etc/modelserve/modelserve.env").content_string
+    assert "MODELSERVE_BROKER_TLS_CA=/etc/modelserve/tls/broker-ca.pem" in env
+    key = host.file("/etc/modelserve/tls/broker-client.key.pem")
+    assert key.mode == 0o600 and key.user == "modelserve"
+    with host.sudo():
+        out = host.run(
+            "openssl verify -purpose sslclient -CAfile /etc/modelserve/tls/broker-ca.pem"
+            " /etc/modelserve/tls/broker-client.pem"
+        )
+    assert out.rc == 0, out.stderr
 
 
 def test_current_points_at_the_seed_release(host):

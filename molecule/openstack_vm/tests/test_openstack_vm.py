@@ -140,7 +140,7 @@ def test_security_groups_hold_exactly_the_intended_rules(conn):
     admin_ssh = {_ssh(e, c) for e, c in ADMIN_CIDRS}
     from_dev = {_ssh("IPv4", f"group:{PREFIX}-development")}
     expected = {
-        "broker": admin_ssh | from_dev | {("ingress", "IPv4", "tcp", 5672, 5672, "10.99.0.0/24")} | EGRESS,
+        "broker": admin_ssh | from_dev | {("ingress", "IPv4", "tcp", 5671, 5671, "10.99.0.0/24")} | EGRESS,
         "frontend": admin_ssh
         | from_dev
         | {
@@ -266,7 +266,7 @@ def test_security_groups_admit_exactly_what_they_say(added, servers):
     worker1, broker = fixed_ip(servers["osl-worker-1"]), fixed_ip(servers["osl-broker-1"])
     assert tcp_open(added, "osl-dev-1", worker1, 22)  # from the development group
     assert tcp_open(added, "osl-worker-2", worker1, 22)  # the fan-out, worker to worker
-    assert tcp_open(added, "osl-worker-1", broker, 5672)  # AMQP from the cluster network
+    assert tcp_open(added, "osl-worker-1", broker, 5671)  # AMQP over TLS from the cluster network
     assert not tcp_open(added, "osl-frontend-1", worker1, 22)  # not from the front end
     assert not tcp_open(added, "osl-worker-1", broker, 22)  # workers may not SSH elsewhere
     assert not tcp_open(added, "osl-frontend-1", broker, 25672)  # nothing else is open

@@ -1,12 +1,16 @@
 """Behaviour of the modelserve.cluster.rabbitmq role on the Molecule broker hosts (a 3-node cluster).
 
 The AMQP checks connect from the controller (py-amqp, in the project's venv) to the containers'
-addresses on the Molecule docker network, i.e. the way a Celery worker on another host does.
+addresses on the Molecule docker network over TLS, i.e. the way a Celery worker on another host
+does, with a client certificate of the cluster's CA that the converge issued on the seed.
 """
 
+import datetime
 import hashlib
 import json
 import os
+import socket
+import ssl
 import urllib.request
 import uuid
 
@@ -19,7 +23,12 @@ COOKIE_FILE = "/var/lib/rabbitmq/.erlang.cookie"
 FIRST_SECRET_SHA256 = "/root/molecule-first-secret.sha256"
 APP_USER = "modelserve"
 VHOST = "modelserve"
-AMQP_PORT = 5672
+AMQP_PORT = 5671  # amqps, the only AMQP listener off loopback
+PLAIN_PORT = 5672
+CA_FILE = "/etc/modelserve/pki/modelserve-ca.pem"
+SERVER_CERT = "/etc/rabbitmq/tls/server.pem"
+CLIENT_DIR = "/root/molecule-client"
+SHORT_SERIAL = "/root/molecule-short-serial"
 MANAGEMENT_PORT = 15672
 PROMETHEUS_PORT = 15692
 BROKERS = ["rabbitmq-1", "rabbitmq-2", "rabbitmq-3"]
@@ -55,19 +64,39 @@ def app_password(host):
         return host.file(SECRET_FILE).content_string.strip()
 
 
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    """The cluster CA and the tests' client certificate and key, copied from the seed."""
+    seed, out = broker(BROKERS[0]), tmp_path_factory.mktemp("tls")
+    with seed.sudo():
+        files = {"ca": CA_FILE, "cert": f"{CLIENT_DIR}/client.pem", "key": f"{CLIENT_DIR}/client.key.pem"}
+        for name, path in files.items():
+            (out / name).write_text(seed.file(path).content_string)
+    return {name: str(out / name) for name in ("ca", "cert", "key")}
+
+
+def tls_options(tls_files, address, client_cert=True):
+    """py-amqp's ssl options: the broker's certificate checked against the CA and its address."""
+    options = {"ca_certs": tls_files["ca"], "cert_reqs": ssl.CERT_REQUIRED, "server_hostname": address}
+    if client_cert:
+        options.update(certfile=tls_files["cert"], keyfile=tls_files["key"])
+    return options
+
+
 def rabbitmqctl_json(host, *args):
     with host.sudo():
         out = host.check_output("rabbitmqctl --quiet --formatter json " + " ".join(args))
     return json.loads(out)
 
 
-def amqp_connect(address, userid, password, vhost=VHOST):
+def amqp_connect(address, userid, password, vhost=VHOST, ssl_options=None):
     conn = amqp.Connection(
         host=f"{address}:{AMQP_PORT}",
         userid=userid,
         password=password,
         virtual_host=vhost,
         connect_timeout=10,
+        ssl=ssl_options if ssl_options is not None else tls_options(TLS_FILES, address),
     )
     conn.connect()
     return conn
@@ -79,11 +108,98 @@ def test_service_running_and_enabled(host):
     assert service.is_enabled
 
 
-def test_amqp_listens_on_cluster_ip_only(host, cluster_ip):
+# The tls_files of the module, for amqp_connect's default TLS options (set by the fixture below).
+TLS_FILES = {}
+
+
+@pytest.fixture(autouse=True)
+def _tls_files_for_amqp_connect(tls_files):
+    TLS_FILES.update(tls_files)
+
+
+def test_amqps_listens_on_cluster_ip_only_and_plain_amqp_nowhere(host, cluster_ip):
     assert host.socket(f"tcp://{cluster_ip}:{AMQP_PORT}").is_listening
     assert not host.socket(f"tcp://0.0.0.0:{AMQP_PORT}").is_listening
     assert not host.socket(f"tcp://:::{AMQP_PORT}").is_listening
     assert not host.socket(f"tcp://127.0.0.1:{AMQP_PORT}").is_listening
+    # rabbitmq_amqp_plain_loopback is off: no plain listener at all (not even on loopback).
+    assert not host.socket(f"tcp://{PLAIN_PORT}").is_listening
+
+
+def _tcp_from(other, address, port):
+    """Whether `other` (another container of the network) can open a TCP connection to address:port."""
+    probe = (
+        "import socket,sys\n"
+        "try:\n socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5).close()\n"
+        "except OSError:\n sys.exit(1)\n"
+    )
+    return other.run("python3 -c %s %s %s", probe, address, str(port)).rc == 0
+
+
+def test_plain_amqp_unreachable_from_another_container(host, cluster_ip):
+    other = broker(BROKERS[(BROKERS.index(host.backend.get_hostname()) + 1) % len(BROKERS)])
+    assert _tcp_from(other, cluster_ip, AMQP_PORT)  # the probe works: amqps answers
+    assert not _tcp_from(other, cluster_ip, PLAIN_PORT)
+
+
+def test_tls_handshake_verifies_the_broker_by_ca_and_address(cluster_ip, tls_files):
+    """The broker's certificate is the CA's, for this address; and the broker wants ours."""
+    context = ssl.create_default_context(cafile=tls_files["ca"])
+    context.load_cert_chain(tls_files["cert"], tls_files["key"])
+    with (
+        socket.create_connection((cluster_ip, AMQP_PORT), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname=cluster_ip) as tls,
+    ):
+        assert tls.version() in ("TLSv1.3", "TLSv1.2")
+        assert ("IP Address", cluster_ip) in tls.getpeercert()["subjectAltName"]
+    # Without the CA (the system's public ones) the broker is not trusted.
+    with (
+        socket.create_connection((cluster_ip, AMQP_PORT), timeout=10) as raw,
+        pytest.raises(ssl.SSLCertVerificationError),
+    ):
+        ssl.create_default_context().wrap_socket(raw, server_hostname=cluster_ip)
+    # Under another name the certificate does not match.
+    with (
+        socket.create_connection((cluster_ip, AMQP_PORT), timeout=10) as raw,
+        pytest.raises(ssl.SSLCertVerificationError),
+    ):
+        context.wrap_socket(raw, server_hostname="not-a-broker.invalid")
+
+
+def test_client_without_certificate_refused(cluster_ip, tls_files, app_password):
+    """verify_peer + fail_if_no_peer_cert: the right password without a client certificate fails."""
+    with pytest.raises((OSError, amqp.exceptions.AMQPError)):
+        no_cert = tls_options(tls_files, cluster_ip, client_cert=False)
+        amqp_connect(cluster_ip, APP_USER, app_password, ssl_options=no_cert)
+    amqp_connect(cluster_ip, APP_USER, app_password).close()  # with one it works
+
+
+def _served_certificate(address, tls_files):
+    context = ssl.create_default_context(cafile=tls_files["ca"])
+    context.load_cert_chain(tls_files["cert"], tls_files["key"])
+    with (
+        socket.create_connection((address, AMQP_PORT), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname=address) as tls,
+    ):
+        return tls.getpeercert()
+
+
+def test_served_certificate_is_the_files_and_long_valid(host, cluster_ip, tls_files):
+    """After side_effect (rabbitmq-3 served a 5-day certificate, then the role ran): renewed."""
+    served = _served_certificate(cluster_ip, tls_files)
+    with host.sudo():
+        pem = host.file(SERVER_CERT).content_string
+        on_disk = host.check_output(f"openssl x509 -noout -serial -enddate -in {SERVER_CERT}")
+        short = host.file(SHORT_SERIAL)
+        short_serial = short.content_string.strip() if short.exists else None
+    assert "BEGIN CERTIFICATE" in pem
+    serial = on_disk.split("serial=")[1].split()[0].upper()
+    assert served["serialNumber"].upper() == serial  # the node serves the file's certificate
+    not_after = datetime.datetime.fromtimestamp(ssl.cert_time_to_seconds(served["notAfter"]), datetime.UTC)
+    assert not_after - datetime.datetime.now(datetime.UTC) > datetime.timedelta(days=300)
+    if short_serial is None:
+        pytest.skip("before side_effect: no short-lived certificate served yet")
+    assert int(short_serial) != int(serial, 16)  # x509_certificate_info's decimal, openssl's hex
 
 
 def test_management_not_listening_by_default(host):
