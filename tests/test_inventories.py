@@ -103,7 +103,7 @@ def _wired_values(tmp_path, ansible_bin, ansible_env, *inventories) -> list[dict
         for ln in res.stdout.splitlines()
         if prefix in ln
     ]
-    assert len(values) == 2, res.stdout  # one front end, one broker
+    assert len(values) == 3, res.stdout  # two front ends, one broker
     return values
 
 
