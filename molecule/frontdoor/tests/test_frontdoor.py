@@ -54,9 +54,13 @@ def test_a_key_is_required_and_checked(ca):
     missing = requests.get(url, verify=ca, timeout=10)
     bad = requests.get(url, verify=ca, headers={"X-API-Key": "x" * 48}, timeout=10)
     good = requests.get(url, verify=ca, headers={"X-API-Key": _key("tester")}, timeout=10)
-    for r in (missing, bad):
+    # converge.yml's "comma" key is the file's word and ",x"; only the whole of it is valid.
+    comma = requests.get(url, verify=ca, headers={"X-API-Key": _key("comma") + ",x"}, timeout=10)
+    half = requests.get(url, verify=ca, headers={"X-API-Key": _key("comma")}, timeout=10)
+    for r in (missing, bad, half):
         assert r.status_code == 401 and "API key" in r.json()["error"], r.text
     assert good.status_code == 200, good.text
+    assert comma.status_code == 200, comma.text
 
 
 def test_only_hashes_are_on_the_hosts():
