@@ -46,7 +46,7 @@ CASES = [
     (
         "common",
         {"common_firewall_extra_rules": [{"port": 80, "proto": "icmp"}]},
-        "value of proto must be one of: tcp, udp, got: icmp found in common_firewall_extra_rules",
+        "value of proto must be one of: tcp, udp, vrrp, got: icmp found in common_firewall_extra_rules",
     ),
     (
         "common",

@@ -103,7 +103,7 @@ def _wired_values(tmp_path, ansible_bin, ansible_env, *inventories) -> list[dict
         for ln in res.stdout.splitlines()
         if prefix in ln
     ]
-    assert len(values) == 2, res.stdout  # one front end, one broker
+    assert len(values) == 3, res.stdout  # two front ends, one broker
     return values
 
 
@@ -183,7 +183,12 @@ def test_every_environment_is_tested():
 # What inventories/openstack-local may set differently from prod, by file: only what the local
 # OpenStack has (cloud, image, flavor, network, no block storage), its addresses and its host names.
 OPENSTACK_LOCAL_DIFFERS = {
-    "group_vars/all/environment.yml": {"modelserve_environment", "modelserve_cluster_cidrs"},
+    # modelserve_vip: the local cloud's scenario does not exercise the VIP port yet.
+    "group_vars/all/environment.yml": {
+        "modelserve_environment",
+        "modelserve_cluster_cidrs",
+        "modelserve_vip",
+    },
     "group_vars/all/openstack.yml": {
         "openstack_vm_cloud",
         "openstack_vm_image",

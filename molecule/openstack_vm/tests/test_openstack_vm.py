@@ -28,6 +28,7 @@ EXPECTED = {
     # host: (role groups, floating IP)
     "osl-broker-1": (["broker"], False),
     "osl-frontend-1": (["frontend"], True),
+    "osl-frontend-2": (["frontend"], True),
     "osl-worker-1": (["workers"], False),
     "osl-worker-2": (["workers"], False),
     "osl-dev-1": (["development"], True),
@@ -144,8 +145,13 @@ def test_security_groups_hold_exactly_the_intended_rules(conn):
         "frontend": admin_ssh
         | from_dev
         | {
-            ("ingress", "IPv4", "tcp", 8080, 8080, "0.0.0.0/0"),
-            ("ingress", "IPv6", "tcp", 8080, 8080, "::/0"),
+            # gunicorn from the cluster network (the front ends' proxies); HTTPS and the redirect
+            # from anywhere.
+            ("ingress", "IPv4", "tcp", 8080, 8080, "10.99.0.0/24"),
+            ("ingress", "IPv4", "tcp", 443, 443, "0.0.0.0/0"),
+            ("ingress", "IPv6", "tcp", 443, 443, "::/0"),
+            ("ingress", "IPv4", "tcp", 80, 80, "0.0.0.0/0"),
+            ("ingress", "IPv6", "tcp", 80, 80, "::/0"),
         }
         | EGRESS,
         # git_deploy's fan-out: the repository worker reaches the other workers; the workers'
@@ -225,7 +231,7 @@ def test_shipped_dynamic_inventory_finds_the_servers(servers):
         assert hostvars[name]["modelserve_cluster_address"] == fixed_ip(servers[name])
         for group in groups:
             assert name in inv[group]["hosts"], (name, group)
-    assert set(inv["serving"]["hosts"]) == {"osl-broker-1", "osl-frontend-1", *WORKERS}
+    assert set(inv["serving"]["hosts"]) == {"osl-broker-1", "osl-frontend-1", "osl-frontend-2", *WORKERS}
 
 
 # --- the servers are hosts that booted as a cloud's do ------------------------------------------
@@ -250,11 +256,23 @@ def test_server_booted_by_cloud_init_from_nova_metadata(added, admin, conn, serv
     assert "modelserve admin (Ansible)" in users.stdout and "sudo-ok" in users.stdout
 
 
+def _api_key():
+    # Made on the controller by molecule/openstack_vm/api_keys.yml (extra vars, as a Vault's).
+    return (EPHEMERAL / "api-key").read_text().split()[0]
+
+
 def _predict_through_the_front_ends_floating_ip(servers):
-    url = f"http://{floating_ip(servers['osl-frontend-1'])}:8080/api/v1/predict"
-    r = requests.post(url, json={"rows": [ROW, ROW]}, timeout=30)
-    assert r.status_code == 200, r.text
-    assert len(r.json()["predictions"]) == 2
+    # HTTPS through the front door with a key; the certificate names the hosts' fixed addresses, not
+    # the floating IPs (a real service names its DNS name in modelserve_tls_server_names).
+    for name in ("osl-frontend-1", "osl-frontend-2"):
+        url = f"https://{floating_ip(servers[name])}/api/v1/predict"
+        r = requests.post(
+            url, json={"rows": [ROW, ROW]}, headers={"X-API-Key": _api_key()}, timeout=30, verify=False
+        )
+        assert r.status_code == 200, r.text
+        assert len(r.json()["predictions"]) == 2
+        no_key = requests.post(url, json={"rows": [ROW]}, timeout=30, verify=False)
+        assert no_key.status_code == 401, no_key.text
 
 
 def test_prediction_through_the_front_ends_floating_ip(servers):
@@ -362,8 +380,8 @@ def test_a_rebooted_worker_comes_back_on_its_port_and_serves(conn, added, server
 
 # --- model delivery from the development VM -----------------------------------------------------
 def _served(servers):
-    url = f"http://{floating_ip(servers['osl-frontend-1'])}:8080/api/v1/model"
-    return requests.get(url, timeout=10).json()["version"]
+    url = f"https://{floating_ip(servers['osl-frontend-1'])}/api/v1/model"
+    return requests.get(url, timeout=10, verify=False).json()["version"]
 
 
 def _current(added, name):
