@@ -12,7 +12,7 @@ import yaml
 from conftest import OPENSTACK_INVENTORIES, ROOT, run_playbook
 
 ENVS = OPENSTACK_INVENTORIES
-ROLE_GROUPS = ["broker", "frontend", "workers", "development"]
+ROLE_GROUPS = ["broker", "frontend", "workers", "development", "monitoring"]
 PUBLIC_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyForTestsOnly0000000000000000000000 test@modelserve"
 
 RENDER_PLAY = """
