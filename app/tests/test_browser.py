@@ -151,3 +151,41 @@ def test_page_shows_version_age_throughput_and_drift_and_follows_them(make_stack
     browser.save_screenshot(str(stack.base / "status.png"))
     refused = [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
     assert not refused, refused
+
+
+def test_the_api_key_field_sends_the_key_and_keeps_it_for_the_tab(live_stack, browser):
+    """Behind the front door a prediction needs X-API-Key: the page sends what the user typed (the
+    proxy checks it; gunicorn here ignores it), keeps it for the tab across a reload, and sends
+    no header when the field is empty."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 20)
+    spy = """
+      window.__sent = [];
+      const real = window.fetch;
+      window.fetch = function (url, init) {
+        if (String(url).indexOf('/api/v1/predict') >= 0) { window.__sent.push((init || {}).headers || {}); }
+        return real.apply(this, arguments);
+      };
+    """
+    browser.get(live_stack.url + "/")
+    wait.until(ec.text_to_be_present_in_element((By.ID, "served-version"), "1.0.0"))
+    browser.execute_script(spy)
+    key = browser.find_element(By.NAME, "api_key")
+    assert key.get_attribute("type") == "password"
+    key.send_keys("k3y-for-this-tab")
+    browser.find_element(By.ID, "submit").click()
+    wait.until(ec.presence_of_element_located((By.ID, "probability")))
+    assert browser.execute_script("return window.__sent")[-1].get("X-API-Key") == "k3y-for-this-tab"
+
+    browser.refresh()
+    wait.until(ec.text_to_be_present_in_element((By.ID, "served-version"), "1.0.0"))
+    browser.execute_script(spy)
+    assert browser.find_element(By.NAME, "api_key").get_attribute("value") == "k3y-for-this-tab"
+    browser.find_element(By.NAME, "api_key").clear()
+    browser.find_element(By.ID, "submit").click()
+    wait.until(lambda d: d.execute_script("return window.__sent.length") == 1)
+    assert "X-API-Key" not in browser.execute_script("return window.__sent")[0]
+    assert browser.execute_script("return sessionStorage.getItem('modelserve-api-key')") is None

@@ -59,22 +59,31 @@
     return row;
   }
 
+  var KEY_ITEM = "modelserve-api-key";
+  form.elements.api_key.value = sessionStorage.getItem(KEY_ITEM) || "";
+
   form.addEventListener("submit", function (ev) {
     ev.preventDefault();
     var row;
     try { row = readRow(); } catch (e) { show(e.message, "error"); return; }
     button.disabled = true;
     show("Predicting…");
+    var headers = { "Content-Type": "application/json", "Accept": "application/json" };
+    var key = form.elements.api_key.value.trim();
+    // The key stays in this tab (sessionStorage), never in a cookie or the page's URL.
+    if (key) { headers["X-API-Key"] = key; sessionStorage.setItem(KEY_ITEM, key); }
+    else { sessionStorage.removeItem(KEY_ITEM); }
     fetch("/api/v1/predict", {
       method: "POST",
-      headers: { "Content-Type": "application/json", "Accept": "application/json" },
+      headers: headers,
       body: JSON.stringify({ row: row })
     }).then(function (resp) {
       return resp.json().then(function (body) { return { ok: resp.ok, status: resp.status, body: body }; });
     }).then(function (r) {
       if (!r.ok) {
         show("Error " + r.status + ": " + (r.body.error || "request failed") +
-          (r.body.field ? " (" + r.body.field + ")" : ""), "error");
+          (r.body.field ? " (" + r.body.field + ")" : "") +
+          (r.status === 401 ? " (enter your API key above)" : ""), "error");
         return;
       }
       var p = r.body.prediction;
