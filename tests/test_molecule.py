@@ -1,5 +1,6 @@
 """Molecule scenarios state only what differs from the shared base config."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,10 @@ def test_base_config_creates_containers_from_the_shared_definition():
         ROOT / ".config/molecule/config.yml",
     ]:
         assert "/lib/systemd/systemd" not in path.read_text(), path
+
+
+def test_scripts_test_runs_every_scenario():
+    # A scenario scripts/test does not list never runs in CI: it would pass by not running.
+    listed = re.search(r"^scenarios_all=\(([^)]*)\)", (ROOT / "scripts" / "test").read_text(), re.M)
+    assert listed, "scripts/test: no scenarios_all=(...) line"
+    assert sorted(listed.group(1).split()) == SCENARIOS
