@@ -31,7 +31,8 @@ EXPECTED = {
     "osl-frontend-2": (["frontend"], True),
     "osl-worker-1": (["workers"], False),
     "osl-worker-2": (["workers"], False),
-    "osl-dev-1": (["development"], True),
+    # The development VM is also the monitoring host here (the local cloud has room for no more VMs).
+    "osl-dev-1": (["development", "monitoring"], True),
 }
 WORKERS = ["osl-worker-1", "osl-worker-2"]
 ADMIN_CIDRS = [("IPv4", "10.231.0.1/32")]
@@ -140,8 +141,18 @@ EGRESS = {("egress", "IPv4", None, None, None, None), ("egress", "IPv6", None, N
 def test_security_groups_hold_exactly_the_intended_rules(conn):
     admin_ssh = {_ssh(e, c) for e, c in ADMIN_CIDRS}
     from_dev = {_ssh("IPv4", f"group:{PREFIX}-development")}
+    cluster = "10.99.0.0/24"
+
+    def scraped(*ports):
+        # What the monitoring hosts scrape or reach: from the cluster network only (node exporter on all).
+        return {("ingress", "IPv4", "tcp", p, p, cluster) for p in (*ports, 9100)}
+
     expected = {
-        "broker": admin_ssh | from_dev | {("ingress", "IPv4", "tcp", 5671, 5671, "10.99.0.0/24")} | EGRESS,
+        "broker": admin_ssh
+        | from_dev
+        | {("ingress", "IPv4", "tcp", 5671, 5671, "10.99.0.0/24")}
+        | scraped(15692)
+        | EGRESS,
         "frontend": admin_ssh
         | from_dev
         | {
@@ -153,14 +164,14 @@ def test_security_groups_hold_exactly_the_intended_rules(conn):
             ("ingress", "IPv4", "tcp", 80, 80, "0.0.0.0/0"),
             ("ingress", "IPv6", "tcp", 80, 80, "::/0"),
         }
+        | scraped(9800)
         | EGRESS,
         # git_deploy's fan-out: the repository worker reaches the other workers; the workers'
         # metrics (modelserve_worker_metrics_port) from the cluster network only.
-        "workers": admin_ssh
-        | from_dev
-        | {_ssh("IPv4", f"group:{PREFIX}-workers"), ("ingress", "IPv4", "tcp", 9810, 9810, "10.99.0.0/24")}
-        | EGRESS,
-        "development": admin_ssh | EGRESS,
+        "workers": admin_ssh | from_dev | {_ssh("IPv4", f"group:{PREFIX}-workers")} | scraped(9810) | EGRESS,
+        "development": admin_ssh | scraped() | EGRESS,
+        # Prometheus and Alertmanager (operators: an SSH tunnel through the development VM).
+        "monitoring": admin_ssh | from_dev | scraped(9090, 9093) | EGRESS,
     }
     groups = {sg.name: sg for sg in conn.network.security_groups()}
     assert set(groups) == {"default"} | {f"{PREFIX}-{g}" for g in expected}
