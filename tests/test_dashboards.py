@@ -80,3 +80,29 @@ def test_every_metric_a_dashboard_reads_is_exported(path):
 def test_the_metric_check_catches_a_typo():
     assert "modelserve_http_request_total" not in _app_metrics()  # the real one ends in _requests_total
     assert _metric_names('sum by (le) (rate(modelserve_x_bucket{a="b"}[5m]))') == {"modelserve_x_bucket"}
+
+
+def _alerts() -> dict[str, str]:
+    return {
+        rule["alert"]: rule["expr"]
+        for path in RULES.glob("*.rules.yml")
+        for group in yaml.safe_load(path.read_text())["groups"]
+        for rule in group["rules"]
+        if "alert" in rule
+    }
+
+
+def test_every_alert_has_its_series_on_a_dashboard():
+    # An operator paged by an alert finds what fired it on a panel: some series the alert reads
+    # (a recording rule or a raw metric) is drawn by a dashboard, or is what a drawn rule records from.
+    drawn = {n for path in DASHBOARDS for e in _exprs(json.loads(path.read_text())) for n in _metric_names(e)}
+    recordings = {
+        rule["record"]: rule["expr"]
+        for path in RULES.glob("*.rules.yml")
+        for group in yaml.safe_load(path.read_text())["groups"]
+        for rule in group["rules"]
+        if "record" in rule
+    }
+    drawn |= {n for name in drawn & recordings.keys() for n in _metric_names(recordings[name])}
+    missing = {a: sorted(_metric_names(e)) for a, e in _alerts().items() if not _metric_names(e) & drawn}
+    assert not missing, f"alerts whose series no panel draws: {missing}"
