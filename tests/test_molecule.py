@@ -43,3 +43,13 @@ def test_scripts_test_runs_every_scenario():
     listed = re.search(r"^scenarios_all=\(([^)]*)\)", (ROOT / "scripts" / "test").read_text(), re.M)
     assert listed, "scripts/test: no scenarios_all=(...) line"
     assert sorted(listed.group(1).split()) == SCENARIOS
+
+
+def test_scripts_test_all_runs_every_scenario_and_stage():
+    # `scripts/test` (what .ci/run runs) schedules jobs_all: every scenario, lint, pytest and the
+    # local cluster; one missing would silently not run in CI.
+    listed = re.search(r"^jobs_all=\(([^)]*)\)", (ROOT / "scripts" / "test").read_text(), re.M)
+    assert listed, "scripts/test: no jobs_all=(...) line"
+    jobs = listed.group(1).split()
+    assert len(jobs) == len(set(jobs)), f"a job listed twice: {jobs}"
+    assert sorted(jobs) == sorted([*SCENARIOS, "lint", "pytest", "local"])
