@@ -133,6 +133,10 @@ def webhook():
 
 
 def test_a_stopped_worker_fires_worker_down_and_reaches_the_webhook(prometheus, webhook):
+    # Once per scenario, before side_effect (test_cluster.py's VIP kill runs after it): the alert's
+    # path does not depend on the number of worker hosts, and waiting for it costs minutes.
+    if _host("cl-spare").file("/etc/systemd/system/modelserve-worker@.service").exists:
+        pytest.skip("runs once, before side_effect")
     name = _workers()[0]
     worker = _host(name)
 
