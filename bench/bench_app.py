@@ -44,11 +44,14 @@ except ImportError:  # running without `pip install -e app`
 import ms_devstack as devstack  # noqa: E402
 
 
-def lua_script(path: Path, body: dict) -> Path:
+def lua_script(path: Path, body: dict, headers: dict[str, str] | None = None) -> Path:
     path.write_text(
         'wrk.method = "POST"\n'
         'wrk.headers["Content-Type"] = "application/json"\n'
-        "wrk.body = [==[" + json.dumps(body, separators=(",", ":")) + "]==]\n",  # the JSON holds "]]"
+        + "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in (headers or {}).items())
+        + "wrk.body = [==["
+        + json.dumps(body, separators=(",", ":"))
+        + "]==]\n",  # the JSON holds "]]"
         encoding="utf-8",
     )
     return path
@@ -154,6 +157,227 @@ def start_stack(
     return url, web, procs
 
 
+FRONTDOOR = ROOT / "roles" / "frontdoor"
+
+
+def render_frontdoor(base: Path, backend: str, https_port: int, key: str) -> Path:
+    """haproxy.cfg and its maps rendered from roles/frontdoor's own templates and defaults (so the
+    bench measures the configuration hosts run), with the bench's paths, ports, backend and key.
+
+    Changed from what a host runs, none of it on the request path: rate limits raised so the bench
+    is never answered 429 (the defaults, 1000 requests per key and 2000 per source address per
+    10 s, would stop a 1,000 req/s bench within a second), no plain-HTTP redirect listener, and the
+    process lines of `global` (daemon, chroot, user, group, the stats socket under /run) dropped:
+    the bench runs HAProxy in the foreground as a plain process. The log goes to a socket in the
+    temporary directory that the bench reads (a host's goes to /dev/log, read by journald)."""
+    import hashlib
+
+    import jinja2
+    import yaml
+
+    def regex_replace(value: str, pattern: str, repl: str = "") -> str:
+        return re.sub(pattern, repl.replace("\\\\", "\\"), str(value))
+
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True)
+    env.filters["regex_replace"] = regex_replace
+    env.filters["hash"] = lambda value, algorithm="sha1": hashlib.new(
+        algorithm, str(value).encode()
+    ).hexdigest()
+    role_vars = yaml.safe_load((FRONTDOOR / "defaults" / "main.yml").read_text(encoding="utf-8"))
+    role_vars.update(yaml.safe_load((FRONTDOOR / "vars" / "main.yml").read_text(encoding="utf-8")))
+    host, port = backend.rsplit(":", 1)
+    role_vars.update(
+        ansible_managed="rendered by bench/bench_app.py from roles/frontdoor/templates",
+        inventory_hostname="bench",
+        frontdoor_https_port=https_port,
+        frontdoor_http_redirect=False,
+        frontdoor_backends=[{"name": "web1", "address": host, "port": int(port)}],
+        frontdoor_api_keys={"bench": key},
+        frontdoor_api_key_rate_limit=1_000_000_000,
+        frontdoor_source_rate_limit=1_000_000_000,
+        __frontdoor_cert=str(base / "frontdoor.pem"),
+        __frontdoor_keys_map=str(base / "api-keys.map"),
+        __frontdoor_limits_map=str(base / "api-key-limits.map"),
+    )
+    for name in ("__frontdoor_bufsize", "__frontdoor_period_s"):  # the derived values the template reads
+        role_vars[name] = env.from_string(role_vars[name]).render(role_vars).strip()
+    for template, dest in (
+        ("api-keys.map.j2", "api-keys.map"),
+        ("api-key-limits.map.j2", "api-key-limits.map"),
+        ("haproxy.cfg.j2", "haproxy.cfg"),
+    ):
+        text = env.from_string((FRONTDOOR / "templates" / template).read_text(encoding="utf-8")).render(
+            role_vars
+        )
+        (base / dest).write_text(text, encoding="utf-8")
+    cfg = base / "haproxy.cfg"
+    text = re.sub(
+        r"(?m)^    (daemon|chroot .*|user .*|group .*|stats socket .*|stats timeout .*)\n",
+        "",
+        cfg.read_text(),
+    )
+    text = text.replace("log /dev/log local0", f"log {base / 'log.sock'} local0")
+    cfg.write_text(text, encoding="utf-8")
+    return cfg
+
+
+class LogSink:
+    """The proxy's syslog socket: counts the lines (one per request) and keeps the last one."""
+
+    def __init__(self, path: Path) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.lines, self.last = 0, ""
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                return
+            self.lines += 1
+            self.last = data.decode(errors="replace")
+
+
+def start_frontdoor(base: Path, backend: str, key: str) -> tuple[str, subprocess.Popen, LogSink]:
+    """A real HAProxy (Debian's package) in the foreground, TLS with a throwaway CA's certificate."""
+    tls = devstack.make_tls(base / "tls")  # ECC P-256, the way roles/pki makes certificates
+    shutil.copy(tls["server"], base / "frontdoor.pem")
+    shutil.copy(tls["server_key"], base / "frontdoor.pem.key")  # loaded beside the certificate, as on hosts
+    port = devstack.free_port()
+    cfg = render_frontdoor(base, backend, port, key)
+    sink = LogSink(base / "log.sock")
+    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    subprocess.run([haproxy, "-c", "-q", "-f", str(cfg)], check=True)
+    proc = subprocess.Popen(
+        [haproxy, "-db", "-f", str(cfg)],
+        stdout=(base / "haproxy.out").open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group, as devstack.stop_process expects
+    )
+    url = f"https://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            r = requests.post(
+                url + "/api/v1/predict", json={"row": ROW}, headers={"X-API-Key": key},
+                verify=tls["ca"], timeout=10,
+            )  # fmt: skip
+            if r.status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError(f"HAProxy did not answer a prediction; see {base / 'haproxy.out'}")
+        time.sleep(0.3)
+    # Without the key: the proxy answers 401 itself (the check is on the measured path).
+    status = requests.post(
+        url + "/api/v1/predict", json={"row": ROW}, verify=tls["ca"], timeout=10
+    ).status_code
+    if status != 401:
+        raise RuntimeError(f"HAProxy let a request without a key through ({status})")
+    return url, proc, sink
+
+
+def front_door(args, base: Path, rabbit, model_dir: Path, common: dict[str, str], procs: list) -> dict:
+    """Direct gunicorn beside HAProxy (TLS, API key, limits, buffering) in front of the same gunicorn,
+    alternating rounds (the order flips every round): single rows, then batches."""
+    import secrets
+
+    url, web, workers = start_stack(
+        base,
+        rabbit.url,
+        model_dir,
+        "bench.frontdoor",
+        args.workers,
+        MODELSERVE_WORKER_POOL="threads",
+        **common,
+    )
+    procs += [web, *workers]
+    key = secrets.token_urlsafe(32)
+    proxied, haproxy, sink = start_frontdoor(base, url.removeprefix("http://"), key)
+    procs.append(haproxy)
+    scripts = {
+        "single": {
+            "direct": lua_script(base / "fd-single.lua", {"row": ROW}),
+            "proxied": lua_script(base / "fd-single-key.lua", {"row": ROW}, {"X-API-Key": key}),
+        },
+        "batch": {
+            "direct": lua_script(base / "fd-batch.lua", {"rows": [ROW] * args.batch_rows}),
+            "proxied": lua_script(
+                base / "fd-batch-key.lua", {"rows": [ROW] * args.batch_rows}, {"X-API-Key": key}
+            ),
+        },
+    }
+    targets = {"direct": url, "proxied": proxied}
+    run_wrk(url + "/api/v1/predict", scripts["single"]["direct"], args.concurrency, 2)  # warm-up
+    run_wrk(proxied + "/api/v1/predict", scripts["single"]["proxied"], args.concurrency, 2)
+    pids = {
+        "web": [web.pid],
+        "worker": [p.pid for p in workers],
+        "broker": [rabbit.proc.pid],
+        "haproxy": [haproxy.pid],
+    }
+    runs: dict[str, list[dict]] = {}
+    logged = sink.lines
+    for kind, concurrency in (("single", args.concurrency), ("batch", args.batch_concurrency)):
+        for i in range(args.ab_rounds):
+            for mode in ("direct", "proxied") if i % 2 == 0 else ("proxied", "direct"):
+                name = f"{kind} {mode}"
+                print(f"front door: {name}, {concurrency} clients, round {i + 1} ...", flush=True)
+                before = cpu_seconds(pids)
+                r = run_wrk(
+                    targets[mode] + "/api/v1/predict", scripts[kind][mode], concurrency, args.duration
+                )
+                after = cpu_seconds(pids)
+                r["cpu"] = {k: after[k] - before[k] for k in after}
+                runs.setdefault(name, []).append(r)
+    results = {
+        name: merge_runs(rounds, 1 if name.startswith("single") else args.batch_rows)
+        for name, rounds in runs.items()
+    }
+    results["_log"] = {"lines": sink.lines - logged, "last": sink.last}
+    return results
+
+
+def print_front_door(results: dict, args) -> None:
+    log = results.pop("_log")
+    print()
+    columns = ("req/s", 10), ("p50 ms", 10), ("p99 ms", 10), ("pred/s", 12), ("non-2xx", 9), ("requests", 10)
+    print(f"{'front door':<20}" + "".join(f"{c:>{w}}" for c, w in columns))
+    for name, r in results.items():
+        print(
+            f"{name:<20}{r['rps']:>10.1f}{r['p50']:>10.1f}{r['p99']:>10.1f}{r['predictions_per_s']:>12.0f}"
+            f"{r['non2xx']:>9}{r['requests']:>10}"
+        )
+    labels = {
+        "single": f"single rows, {args.concurrency} clients",
+        "batch": f"{args.batch_rows}-row batches, {args.batch_concurrency} clients",
+    }
+    for kind, label in labels.items():
+        d, p = results[f"{kind} direct"], results[f"{kind} proxied"]
+        print(
+            f"\nproxied / direct, {label} ({args.ab_rounds} alternating rounds): "
+            f"req/s {p['rps'] / d['rps']:.1%} (per round: "
+            + ", ".join(f"{a / b:.1%}" for a, b in zip(p["rounds_rps"], d["rounds_rps"], strict=True) if b)
+            + f"), p99 {p['p99'] / d['p99']:.2f}x ({p['p99']:.1f} vs {d['p99']:.1f} ms), "
+            f"p50 {p['p50']:.1f} vs {d['p50']:.1f} ms"
+        )
+        per = {
+            mode: ", ".join(f"{k} {v * 1000 / max(1, r['requests']):.3f}" for k, v in r["cpu"].items())
+            for mode, r in (("direct", d), ("proxied", p))
+        }
+        print("  CPU ms per request: " + "; ".join(f"{mode}: {text}" for mode, text in per.items()))
+    print(
+        f"\nwrk keeps its connections alive (one TLS handshake per connection, then requests on it); "
+        f"HAProxy logged {log['lines']} requests over the measured rounds; the last: {log['last'][-160:]!r}"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run (default 10)")
@@ -176,6 +400,11 @@ def main() -> int:
     )
     parser.add_argument("--drift-only", action="store_true", help="only the drift on/off rounds")
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument(
+        "--front-door",
+        action="store_true",
+        help="only direct gunicorn beside HAProxy of roles/frontdoor (TLS, API key) in front (issue 15)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     args = parser.parse_args()
     if not shutil.which("wrk"):
@@ -205,6 +434,9 @@ def main() -> int:
         batch = lua_script(base / "batch.lua", {"rows": [ROW] * args.batch_rows})
         metrics = ""
         oip = oip_binary_script(base / "oip.lua", [ROW] * args.batch_rows)
+        if args.front_door:
+            front_door_results = front_door(args, base, rabbit, model_dir, common, procs)
+            args.drift_only, args.drift_rounds, args.skip_naive = True, 0, True  # nothing else
         for queue_type in [] if args.drift_only else queue_types:
             url, web, workers = start_stack(
                 base,
@@ -304,11 +536,16 @@ def main() -> int:
                 devstack.stop_process(proc, timeout=3, sig=signal.SIGINT if proc is web else signal.SIGQUIT)
     finally:
         for proc in procs:
-            devstack.stop_process(proc, timeout=3, sig=signal.SIGKILL)
+            with contextlib.suppress(Exception):  # the broker is stopped whatever happens here
+                devstack.stop_process(proc, timeout=3, sig=signal.SIGKILL)
         rabbit.stop()
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
 
+    if args.front_door:
+        print_front_door(front_door_results, args)
+        print(f"total bench time {time.monotonic() - started:.0f}s; cores: {len(os.sched_getaffinity(0))}")
+        return 0
     batch_sizes = re.findall(
         r'modelserve_batch_rows_(sum|count)\{task="modelserve.predict"\} ([\d.e+]+)', metrics
     )

@@ -437,3 +437,30 @@ def test_the_model_name_is_a_setting(fake_tasks):
     assert client.get("/v2/models/diabetes").json["name"] == "diabetes"
     r = client.get(f"/v2/models/{MODEL}")
     assert r.status_code == 404 and "serves 'diabetes'" in r.json["error"]
+
+
+@pytest.mark.parametrize(("fmt", "width", "floats"), [("f", 4, 32), ("d", 8, 64)])
+def test_property_the_fast_range_check_agrees_with_the_bounds(fmt, width, floats):
+    """Random rows, bounds and their neighbours included: the fast check accepts exactly the rows
+    whose every value is in [0, its maximum] (-0.0 left to the slow path); a borrow between lanes
+    would show as a disagreement."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from modelserve.features import FEATURE_RANGES, FEATURES
+    from modelserve.oip import _in_range
+
+    highs = [FEATURE_RANGES[name][1] for name in FEATURES]
+    edges = [0.0, -0.0, 5e-45, *highs, *(np.nextafter(h, np.inf) for h in highs), float("nan"), -1.0]
+    value = st.floats(width=floats) | st.sampled_from(edges)
+
+    @settings(max_examples=300, deadline=None, database=None)
+    @given(st.lists(st.lists(value, min_size=8, max_size=8), min_size=1, max_size=5))
+    def check(rows):
+        flat = [v for row in rows for v in row]
+        raw = struct.pack(f"<{len(flat)}{fmt}", *flat)
+        flat = struct.unpack(f"<{len(flat)}{fmt}", raw)  # as the request holds them
+        exact = all(0 <= v <= highs[i % 8] for i, v in enumerate(flat))
+        negative_zero = any(v == 0 and str(v).startswith("-") for v in flat)
+        assert _in_range(memoryview(raw), width, len(rows)) == (exact and not negative_zero)
+
+    check()

@@ -128,3 +128,24 @@ def test_a_batch_takes_waiting_predict_calls_up_to_the_row_limit():
     assert batch == [first, second] and rows == 3
     assert list(carry) == [info, third]  # the other task waits its turn; third would exceed 4 rows
     assert client._queue.get_nowait() is fourth  # not taken: the batch was closed at third
+
+
+def test_packed_shares_make_the_same_lists_and_int32_labels():
+    from array import array
+
+    import numpy as np
+    from modelserve.wire import Scores, labels_int32
+
+    scores = array("f", [0.0, 0.25, 0.5, 0.75, 1.0, float("nan"), float("inf")])
+    # Thresholds that float32 cannot hold, and scores one float32 step either side of them.
+    odd = (0.1, 1 / 3, 0.7, 1e-30)
+    near = array("f", [x for t in odd for x in (t, *np.nextafter(np.float32(t), [0, 1], dtype=np.float32))])
+    for threshold in (0.5, *odd, 0.0, -0.0, 1.0, -1.0, float("nan"), 1e39):
+        for values in (near, array("f", [v for v in scores if v == v]), array("f", [-0.5, 0.5])):
+            assert labels_int32(values, threshold).tolist() == labels(values.tolist(), threshold), threshold
+        expected = labels(scores.tolist(), threshold)
+        assert labels_int32(scores, threshold).tolist() == expected
+        share = Scores(model_version="1.0.0", worker="w", scores=scores, threshold=threshold)
+        assert share["labels"] == expected and str(share["probabilities"]) == str(scores.tolist())  # NaN
+    with pytest.raises(KeyError):
+        Scores(scores=scores, threshold=0.5)["other"]

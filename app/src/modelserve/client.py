@@ -48,7 +48,7 @@ from modelserve.protocol import (
     task_message,
     task_producer,
 )
-from modelserve.wire import PackedRows, pack_batch, read_answer
+from modelserve.wire import DEFAULT_THRESHOLD, PackedRows, Scores, pack_batch, read_answer, unpack_scores
 
 log = logging.getLogger(__name__)
 
@@ -452,21 +452,40 @@ class TaskClient:
             pending.calls[0].event.set()
             return
         try:
-            version, probs, labels = read_answer(outcome)
-            start = 0
-            for call in pending.calls:
-                n = len(call.rows or [])
-                call.result = {
-                    "worker": outcome.get("worker"),
-                    "model_version": version,
-                    "probabilities": probs[start : start + n],
-                    "labels": labels[start : start + n],
-                }
-                start += n
-                call.event.set()
+            results = self._shares(outcome, [len(call.rows or []) for call in pending.calls])
         except (KeyError, TypeError, ValueError) as exc:
             for call in pending.calls:
                 call.fail(ServiceUnavailable(f"malformed worker answer: {exc}", "worker"))
+            return
+        for call, result in zip(pending.calls, results, strict=True):
+            call.result = result
+            call.event.set()
+
+    @staticmethod
+    def _shares(outcome: dict[str, Any], sizes: list[int]) -> list[dict[str, Any]]:
+        """Each request's part of a batch's answer, in the order of its rows. A packed answer stays
+        float32 (wire.Scores: lists only when a handler reads them)."""
+        worker, start, out = outcome.get("worker"), 0, []
+        if "p32" in outcome:
+            version, scores = outcome["model_version"], unpack_scores(outcome["p32"])
+            threshold = float(outcome.get("threshold", DEFAULT_THRESHOLD))
+            for n in sizes:
+                out.append(
+                    Scores(
+                        worker=worker,
+                        model_version=version,
+                        scores=scores[start : start + n],
+                        threshold=threshold,
+                    )
+                )
+                start += n
+            return out
+        version, probs, labels = read_answer(outcome)
+        for n in sizes:
+            share = {"probabilities": probs[start : start + n], "labels": labels[start : start + n]}
+            out.append({"worker": worker, "model_version": version, **share})
+            start += n
+        return out
 
     def _sweep(self) -> None:
         now = time.monotonic()

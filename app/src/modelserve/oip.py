@@ -18,8 +18,9 @@ The binary tensor data extension: a request body may be a JSON header of
 ``Inference-Header-Content-Length`` bytes followed by the inputs' raw little-endian bytes (an
 input's ``parameters.binary_data_size`` says how many); outputs are returned the same way when
 asked (``parameters.binary_data`` on a requested output, or ``binary_data_output`` on the request).
-Binary inputs are range-checked and handed to the task layer as packed float32, without a Python
-object per number (:func:`_in_range`).
+Binary inputs are range-checked and handed to the task layer as packed float32, and binary outputs
+are written from the worker's packed float32 answer (:class:`~modelserve.wire.Scores`), both without
+a Python object per number (:func:`_in_range`, :func:`~modelserve.wire.labels_int32`).
 
 Errors answer ``{"error": "..."}``: 400 for a malformed request (shape, datatype, missing input,
 a feature out of range), 404 for an unknown model or version, 503 when no worker answers. A
@@ -49,7 +50,7 @@ from modelserve.features import (
     validate_row,
 )
 from modelserve.web import _fleet_version, _json, _serving, _unavailable, services
-from modelserve.wire import PackedRows
+from modelserve.wire import PackedRows, labels_int32
 
 INPUT = "input"
 OUTPUTS = {"probability": "FP32", "label": "INT32"}
@@ -217,25 +218,24 @@ def _rows_from_json(data: Any, n: int, path: str) -> list[list[float]]:
 
 @functools.lru_cache(maxsize=16)
 def _bounds(width: int, n: int) -> tuple[int, int]:
-    """Lane patterns for :func:`_in_range`: each feature's upper bound plus a guard bit, and the guards."""
+    """Lane patterns for :func:`_in_range`: each feature's upper bound with its sign bit set, and
+    the sign bits."""
     code = {4: "<f", 8: "<d"}[width]
-    pad = b"\x00" * (width - 1) + b"\x01"
-    highs = b"".join(struct.pack(code, FEATURE_RANGES[name][1]) + pad for name in FEATURES)
-    guards = (b"\x00" * (2 * width - 1) + b"\x01") * N_FEATURES
-    return int.from_bytes(highs * n, "little"), int.from_bytes(guards * n, "little")
+    signs = int.from_bytes((b"\x00" * (width - 1) + b"\x80") * N_FEATURES * n, "little")
+    highs = b"".join(struct.pack(code, FEATURE_RANGES[name][1]) for name in FEATURES)
+    return int.from_bytes(highs * n, "little") | signs, signs
 
 
 def _in_range(raw: memoryview, width: int, n: int) -> bool:
     """Every little-endian float of ``raw`` in [0, its feature's maximum], without a Python object
-    per number: a non-negative IEEE float orders like its bits read as an unsigned integer (NaN,
-    infinity and anything negative read larger than any bound), so each value goes into a lane of
-    twice its width of one big integer, and bounds-with-guard-bits minus values keeps every guard
-    bit only where value <= bound. True is certain; False (also for -0.0) means "check row by row"."""
-    spread = bytearray(2 * len(raw))
-    for k in range(width):
-        spread[k :: 2 * width] = raw[k::width]
-    highs, guards = _bounds(width, n)
-    return (highs - int.from_bytes(spread, "little")) & guards == guards
+    per number: a non-negative IEEE float orders like its bits read as an unsigned integer (NaN and
+    infinity read larger than any finite bound), so ``raw`` is read as one big integer of lanes of
+    ``width`` bytes. With no sign bit set (nothing negative), bounds-with-the-sign-bit minus values
+    borrows from no neighbour, and keeps a lane's sign bit exactly where value <= bound. True is
+    certain; False (also for -0.0) means "check row by row"."""
+    highs, signs = _bounds(width, n)
+    values = int.from_bytes(raw, "little")
+    return not values & signs and (highs - values) & signs == signs
 
 
 def _rows_from_binary(raw: memoryview, datatype: str, n: int, path: str) -> PackedRows:
@@ -315,23 +315,30 @@ def _wanted_outputs(header: dict[str, Any]) -> list[tuple[str, bool]]:
     return wanted
 
 
+def _binary_output(result: dict[str, Any], out: str) -> bytes:
+    """An output's little-endian bytes; from a packed answer's float32 scores without a Python
+    object per row (wire.Scores), else from the lists."""
+    if "scores" in result:
+        scores = result["scores"]
+        values = scores if out == "probability" else labels_int32(scores, result["threshold"])
+    else:
+        values = array("f", result["probabilities"]) if out == "probability" else array("i", result["labels"])
+    if sys.byteorder == "big":
+        values = array(values.typecode, values)  # a copy: the scores may be shared
+        values.byteswap()
+    return values.tobytes()
+
+
 def _answer(header: dict[str, Any], name: str, result: dict[str, Any], wanted: list) -> Response:
-    n = len(result["labels"])
-    tensors = {
-        "probability": (array("f", result["probabilities"]), result["probabilities"]),
-        "label": (array("i", result["labels"]), result["labels"]),
-    }
+    n = len(result["scores"]) if "scores" in result else len(result["labels"])
     outputs, chunks = [], []
     for out, binary in wanted:
-        values, data = tensors[out]
         tensor: dict[str, Any] = {"name": out, "datatype": OUTPUTS[out], "shape": [n, 1]}
         if binary:
-            if sys.byteorder == "big":
-                values.byteswap()
-            chunks.append(values.tobytes())
+            chunks.append(_binary_output(result, out))
             tensor["parameters"] = {"binary_data_size": len(chunks[-1])}
         else:
-            tensor["data"] = data
+            tensor["data"] = result["probabilities" if out == "probability" else "labels"]
         outputs.append(tensor)
     body: dict[str, Any] = {"model_name": name, "model_version": result["model_version"], "outputs": outputs}
     if isinstance(header.get("id"), str):
