@@ -81,7 +81,10 @@ def test_a_front_end_that_does_not_come_back_healthy_stops_the_play(tmp_path):
     )  # fmt: skip
     try:
         assert res.returncode != 0, res.stdout[-3000:]
-        assert "Wait until the front end is ready" in res.stdout and f"fatal: [{broken}]" in res.stdout
+        # It failed on the health gate: the broken host's /readyz answered 503.
+        assert f"fatal: [{broken}]" in res.stdout, res.stdout[-3000:]
+        fatal = res.stdout[res.stdout.index(f"fatal: [{broken}]") :][:3000]
+        assert "/readyz" in fatal and '"status": 503' in fatal, fatal
         assert _unit(broken, "modelserve-web")["MainPID"] != before[broken]  # it was restarted...
         assert _unit(other, "modelserve-web")["MainPID"] == before[other], "the next batch ran"
         # ...and left out of the pools (maintenance), so the VIP answers from the other front end.
