@@ -80,10 +80,12 @@ def test_a_front_end_that_does_not_come_back_healthy_stops_the_play(tmp_path):
         extra_inventory=inventory,
     )  # fmt: skip
     try:
-        assert res.returncode != 0, res.stdout[-3000:]
-        # It failed on the health gate: the broken host's /readyz answered 503.
-        assert f"fatal: [{broken}]" in res.stdout, res.stdout[-3000:]
-        fatal = res.stdout[res.stdout.index(f"fatal: [{broken}]") :][:3000]
+        assert res.returncode != 0, (res.stdout + res.stderr)[-3000:]
+        # It failed on the health gate: the broken host's /readyz answered 503. (Failures go to
+        # stderr under Molecule's Ansible settings, display_failed_stderr.)
+        out = res.stdout + res.stderr
+        assert f"fatal: [{broken}]" in out, out[-3000:]
+        fatal = out[out.index(f"fatal: [{broken}]") :][:3000]
         assert "/readyz" in fatal and '"status": 503' in fatal, fatal
         assert _unit(broken, "modelserve-web")["MainPID"] != before[broken]  # it was restarted...
         assert _unit(other, "modelserve-web")["MainPID"] == before[other], "the next batch ran"
@@ -93,7 +95,7 @@ def test_a_front_end_that_does_not_come_back_healthy_stops_the_play(tmp_path):
         assert r.status_code == 200, r.text
     finally:
         repaired = _playbook("serving.yml", "--limit", f"cl-broker,{broken}")
-    assert repaired.returncode == 0, repaired.stdout[-3000:]
+    assert repaired.returncode == 0, (repaired.stdout + repaired.stderr)[-3000:]
     assert [_pool_status(p, broken) for p in FRONTENDS] == ["UP", "UP"]
 
 
@@ -145,7 +147,7 @@ def test_a_full_rolling_upgrade_under_load_fails_no_request(tmp_path):
     with open(report, "a") as f:
         f.write(json.dumps(figures) + "\n")
     print("ROLLING", json.dumps(figures))
-    assert run.returncode == 0, run.stdout[-3000:]
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
     # The load ran through the whole upgrade (no client reached its request limit early).
     assert all(res and res[-1][0] > ended - 2 for res in results), figures
     assert figures["failed"] == 0, figures
