@@ -29,14 +29,18 @@ def _app_metrics() -> set[str]:
     return {n + s for n in names for s in ("", "_bucket", "_count", "_sum", "_total")}
 
 
-def _recorded() -> set[str]:
-    return {
-        rule["record"]
+def _rules() -> list[dict]:
+    """Every rule (recording and alerting) of the shipped rule files."""
+    return [
+        rule
         for path in RULES.glob("*.rules.yml")
         for group in yaml.safe_load(path.read_text())["groups"]
         for rule in group["rules"]
-        if "record" in rule
-    }
+    ]
+
+
+def _recorded() -> set[str]:
+    return {rule["record"] for rule in _rules() if "record" in rule}
 
 
 def _exprs(dashboard: dict) -> list[str]:
@@ -82,27 +86,12 @@ def test_the_metric_check_catches_a_typo():
     assert _metric_names('sum by (le) (rate(modelserve_x_bucket{a="b"}[5m]))') == {"modelserve_x_bucket"}
 
 
-def _alerts() -> dict[str, str]:
-    return {
-        rule["alert"]: rule["expr"]
-        for path in RULES.glob("*.rules.yml")
-        for group in yaml.safe_load(path.read_text())["groups"]
-        for rule in group["rules"]
-        if "alert" in rule
-    }
-
-
 def test_every_alert_has_its_series_on_a_dashboard():
     # An operator paged by an alert finds what fired it on a panel: some series the alert reads
     # (a recording rule or a raw metric) is drawn by a dashboard, or is what a drawn rule records from.
     drawn = {n for path in DASHBOARDS for e in _exprs(json.loads(path.read_text())) for n in _metric_names(e)}
-    recordings = {
-        rule["record"]: rule["expr"]
-        for path in RULES.glob("*.rules.yml")
-        for group in yaml.safe_load(path.read_text())["groups"]
-        for rule in group["rules"]
-        if "record" in rule
-    }
+    recordings = {rule["record"]: rule["expr"] for rule in _rules() if "record" in rule}
+    alerts = {rule["alert"]: rule["expr"] for rule in _rules() if "alert" in rule}
     drawn |= {n for name in drawn & recordings.keys() for n in _metric_names(recordings[name])}
-    missing = {a: sorted(_metric_names(e)) for a, e in _alerts().items() if not _metric_names(e) & drawn}
+    missing = {a: sorted(_metric_names(e)) for a, e in alerts.items() if not _metric_names(e) & drawn}
     assert not missing, f"alerts whose series no panel draws: {missing}"
