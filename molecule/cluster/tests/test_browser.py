@@ -8,12 +8,8 @@ import re
 import subprocess
 
 import pytest
-import testinfra.utils.ansible_runner
+from test_cluster import VIP, _host, _key
 
-INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
-runner = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
-VIP = runner.get_variables("cl-frontend")["modelserve_vip"]
-EPHEMERAL = os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 pytestmark = pytest.mark.skipif(
@@ -32,9 +28,7 @@ def _browser(home, trust_ca):
     subprocess.run(["certutil", "-N", "-d", f"sql:{nssdb}", "--empty-password"], check=True)
     if trust_ca:
         ca = home / "ca.pem"
-        ca.write_text(
-            runner.get_host("cl-broker").file("/etc/modelserve/pki/modelserve-ca.pem").content_string
-        )
+        ca.write_text(_host("cl-broker").file("/etc/modelserve/pki/modelserve-ca.pem").content_string)
         # -t C,,: a CA trusted to issue server certificates.
         add = ["certutil", "-A", "-d", f"sql:{nssdb}", "-t", "C,,", "-i", str(ca), "-n", "modelserve CA"]
         subprocess.run(add, check=True)
@@ -57,8 +51,7 @@ def test_chromium_trusting_the_cluster_ca_predicts_through_the_vip(tmp_path):
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    with open(os.path.join(EPHEMERAL, "key-load")) as f:
-        key = f.read().split()[0]
+    key = _key("load")
     browser = _browser(tmp_path, trust_ca=True)
     try:
         browser.get(f"https://{VIP}/")
