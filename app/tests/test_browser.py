@@ -98,6 +98,22 @@ def test_form_predicts_and_chart_updates(live_stack, browser, tmp_path):
     assert not refused, refused
 
 
+def drift_table(driver) -> dict:
+    """The drift table read in one script, so a poll that re-renders the rows between two reads
+    cannot hand the test a stale element: {column: {class, psi, meter}}."""
+    return driver.execute_script(
+        """
+        const out = {};
+        for (const tr of document.querySelectorAll("#drift-rows tr[id^='drift-']")) {
+          const psi = tr.querySelector("td.psi"), meter = tr.querySelector("meter");
+          out[tr.id.slice(6)] = {class: tr.className, psi: psi && psi.textContent,
+                                 meter: meter && meter.value};
+        }
+        return out;
+        """
+    )
+
+
 def test_page_shows_version_age_throughput_and_drift_and_follows_them(make_stack, browser, seed_release):
     """The status section, from /api/v1/model: filled in, then updated without a reload when the
     traffic drifts (the page polls; the window's statistics come from the worker's status)."""
@@ -123,14 +139,12 @@ def test_page_shows_version_age_throughput_and_drift_and_follows_them(make_stack
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#drift-rows tr")) == 9)
     assert "live rows in the window" in browser.find_element(By.ID, "drift-state").text
     model = requests.get(f"{stack.url}/api/v1/model", timeout=10).json()
+    table = drift_table(browser)
     for column in ("glucose", "score"):
-        row = browser.find_element(By.ID, f"drift-{column}")
-        assert row.get_attribute("class") in ("stable", "moderate")
-        psi = float(row.find_element(By.CSS_SELECTOR, "td.psi").text)
+        assert table[column]["class"] in ("stable", "moderate")
+        psi = float(table[column]["psi"])
         assert psi == pytest.approx(model["drift"]["columns"][column]["psi"], abs=0.002)
-        assert float(row.find_element(By.CSS_SELECTOR, "meter").get_attribute("value")) == pytest.approx(
-            psi, abs=0.002
-        )
+        assert float(table[column]["meter"]) == pytest.approx(psi, abs=0.002)
     # Throughput: the worker's rows per second, once it has two samples of its count.
     wait.until(lambda d: "predictions/s" in d.find_element(By.ID, "status-throughput").text)
 
@@ -143,11 +157,11 @@ def test_page_shows_version_age_throughput_and_drift_and_follows_them(make_stack
                 f"{stack.url}/api/v1/predict", json={"rows": shifted[chunk : chunk + 50].tolist()}, timeout=15
             )
             assert r.status_code == 200
-    wait.until(
-        lambda d: d.find_element(By.ID, "drift-blood_pressure").get_attribute("class") == "significant"
+    table = wait.until(
+        lambda d: (t := drift_table(d)).get("blood_pressure", {}).get("class") == "significant" and t
     )
-    assert float(browser.find_element(By.CSS_SELECTOR, "#drift-blood_pressure td.psi").text) > 0.25
-    assert browser.find_element(By.ID, "drift-glucose").get_attribute("class") != "significant"
+    assert float(table["blood_pressure"]["psi"]) > 0.25
+    assert table["glucose"]["class"] != "significant"
     browser.save_screenshot(str(stack.base / "status.png"))
     refused = [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
     assert not refused, refused
