@@ -53,3 +53,18 @@ def test_scripts_test_all_runs_every_scenario_and_stage():
     jobs = listed.group(1).split()
     assert len(jobs) == len(set(jobs)), f"a job listed twice: {jobs}"
     assert sorted(jobs) == sorted([*SCENARIOS, "lint", "pytest", "local"])
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_every_scenario_proves_idempotence(scenario):
+    # Either Molecule's idempotence step (the base sequence has it), or a verify test that re-runs
+    # site.yml on the scenario's hosts and requires changed=0 on every host.
+    base = yaml.safe_load((ROOT / ".config" / "molecule" / "config.yml").read_text())
+    config = yaml.safe_load((ROOT / "molecule" / scenario / "molecule.yml").read_text())
+    sequence = (config.get("scenario") or {}).get("test_sequence") or base["scenario"]["test_sequence"]
+    if "idempotence" in sequence:
+        return
+    tests = "\n".join(p.read_text() for p in (ROOT / "molecule" / scenario / "tests").glob("test_*.py"))
+    assert re.search(r'"site\.yml"\)?\]?,?[^\n]*\n(?:.*\n){0,12}.*" changed=0 " in line', tests), (
+        f"molecule/{scenario}: no idempotence step and no verify test re-running site.yml for changed=0"
+    )
