@@ -179,7 +179,9 @@ def test_spare_host_joined_after_side_effect():
     if not spare.file("/etc/systemd/system/modelserve-worker@.service").exists:
         pytest.skip("before side_effect: the spare host is not a worker yet")
     assert spare.service("modelserve-worker@1").is_running
-    env = spare.file("/etc/modelserve/modelserve.env").content_string
+    with spare.sudo():
+        env = spare.file("/etc/modelserve/broker-worker.env").content_string
+    assert "amqps://modelserve-worker:" in env and not spare.file("/etc/modelserve/broker-web.env").exists
     broker_ip = _host("cl-broker").interface("eth0").addresses[0]
     assert "amqps://" in env and (f"@{broker_ip}:5671/" in env or "@cl-broker:5671/" in env)
 
