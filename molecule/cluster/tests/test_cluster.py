@@ -143,8 +143,10 @@ def test_worker_metrics_are_open_to_the_cluster_network_only():
 
 def test_broker_refuses_guest_and_listens_on_the_cluster_network():
     broker = _host("cl-broker")
-    users = broker.check_output("rabbitmqctl -q list_users")
-    assert "guest" not in users and "modelserve" in users
+    out = broker.check_output("rabbitmqctl -q list_users --no-table-headers")
+    users = {line.split()[0] for line in out.splitlines() if line.strip()}
+    # One user per tier (least privilege); no guest, no single .* user.
+    assert {"modelserve-web", "modelserve-worker"} <= users and not users & {"guest", "modelserve"}, users
     # AMQP over TLS only: the front end reaches 5671, and nothing answers on plain 5672.
     probe = "import socket,sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5).close()"
     broker_ip = broker.interface("eth0").addresses[0]
