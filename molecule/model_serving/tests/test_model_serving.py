@@ -94,7 +94,7 @@ def test_the_running_services_connect_as_their_own_users(host):
     and no connection as the .* user of earlier versions."""
     with host.sudo():
         out = host.check_output(
-            "rabbitmqctl --quiet --formatter json list_connections user client_properties"
+            "rabbitmqctl --quiet --formatter json list_connections user"
         )
         users = host.check_output("rabbitmqctl --quiet --formatter json list_users")
     connections = json.loads(out)
