@@ -203,7 +203,7 @@ def test_no_worker_gives_503_in_bounded_time(make_stack):
     r = requests.post(f"{stack.url}/api/v1/predict", json={"row": ROWS[0]}, timeout=30)
     elapsed = time.monotonic() - t0
     # No worker ever started: the task queue does not exist, and the web may not declare it.
-    assert r.status_code == 503 and "no worker" in r.json()["error"], r.text
+    assert r.status_code == 503 and "no worker has started yet" in r.json()["error"], r.text
     assert elapsed < 4
     r = requests.get(f"{stack.url}/readyz", timeout=10)
     assert r.status_code == 503

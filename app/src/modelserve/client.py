@@ -296,9 +296,7 @@ class TaskClient:
         if self._producer is not None:
             return self._producer
         if time.monotonic() - self._last_failure < 1.0:
-            raise ServiceUnavailable(
-                self._publish_reason or f"broker unreachable: {self._last_error}", "broker"
-            )
+            self._raise_publish_failure()
         if not self._reply_ready.wait(self.settings.broker_connect_timeout):
             raise ServiceUnavailable(f"broker unreachable: {self._last_error or 'no reply queue'}", "broker")
         conn = None
@@ -315,11 +313,14 @@ class TaskClient:
                 self._publish_reason = (
                     f"no task queue {self.settings.task_queue!r} yet: no worker has started"
                 )
-            raise ServiceUnavailable(
-                self._publish_reason or f"broker unreachable: {self._last_error}", "broker"
-            ) from None
+            self._raise_publish_failure()
         self._pub = conn
         return self._producer
+
+    def _raise_publish_failure(self) -> None:
+        if self._publish_reason:  # the broker answered: the task exchange does not exist yet
+            raise ServiceUnavailable(self._publish_reason, "no_queue") from None
+        raise ServiceUnavailable(f"broker unreachable: {self._last_error}", "broker") from None
 
     def _publisher_keepalive(self) -> None:
         """Heartbeats of the publishing connection, in the batcher thread that owns it."""
