@@ -93,9 +93,7 @@ def test_the_running_services_connect_as_their_own_users(host):
     """What the broker sees: the web's connections as the web user, the workers' as the worker user,
     and no connection as the .* user of earlier versions."""
     with host.sudo():
-        out = host.check_output(
-            "rabbitmqctl --quiet --formatter json list_connections user"
-        )
+        out = host.check_output("rabbitmqctl --quiet --formatter json list_connections user")
         users = host.check_output("rabbitmqctl --quiet --formatter json list_users")
     connections = json.loads(out)
     by_user = {c["user"] for c in connections}
