@@ -145,12 +145,16 @@ def run_wrk(url: str, script: Path, concurrency: int, duration: int, threads: in
 
 
 def start_stack(
-    base: Path, broker_url: str, model_dir: Path, queue: str, workers: int, naive: bool = False, **env: str
+    base: Path, broker_urls: dict, model_dir: Path, queue: str, workers: int, naive: bool = False, **env: str
 ):
+    """Web and workers, each with its own broker user (the rabbitmq role's permissions)."""
     port = devstack.free_port()
-    e = devstack.stack_env(broker_url, model_dir, f"127.0.0.1:{port}", MODELSERVE_TASK_QUEUE=queue, **env)
+    e = devstack.stack_env(
+        broker_urls["web"], model_dir, f"127.0.0.1:{port}", MODELSERVE_TASK_QUEUE=queue, **env
+    )
+    worker_env = {**e, "MODELSERVE_BROKER_URL": broker_urls["worker"]}
     start_worker = devstack.start_naive_worker if naive else devstack.start_worker
-    procs = [start_worker(e, base / f"{queue}-worker{i}.log") for i in range(workers)]
+    procs = [start_worker(worker_env, base / f"{queue}-worker{i}.log") for i in range(workers)]
     web = devstack.start_web(e, base / f"{queue}-web.log")
     url = f"http://127.0.0.1:{port}"
     devstack.wait_http(url + "/readyz", 60)
@@ -440,7 +444,7 @@ def main() -> int:
         for queue_type in [] if args.drift_only else queue_types:
             url, web, workers = start_stack(
                 base,
-                rabbit.url,
+                rabbit.urls(),
                 model_dir,
                 f"bench.{queue_type}",
                 args.workers,
@@ -490,7 +494,7 @@ def main() -> int:
             stacks = {}
             for mode, window in (("drift on", "1000"), ("drift off", "0")):
                 url, web, workers = start_stack(
-                    base, rabbit.url, model_dir, f"bench.{mode.replace(' ', '-')}", args.workers,
+                    base, rabbit.urls(), model_dir, f"bench.{mode.replace(' ', '-')}", args.workers,
                     MODELSERVE_WORKER_POOL="threads", MODELSERVE_DRIFT_WINDOW=window, **common,
                 )  # fmt: skip
                 procs += [web, *workers]
@@ -521,7 +525,7 @@ def main() -> int:
             # The same web with micro-batching off (one task per request, none held back) in front
             # of a worker that loads model.keras for every task (app/tests/ms_naive.py).
             url, web, workers = start_stack(
-                base, rabbit.url, model_dir, "bench.naive", 1, naive=True,
+                base, rabbit.urls(), model_dir, "bench.naive", 1, naive=True,
                 MODELSERVE_BATCH_MAX_ROWS="1", MODELSERVE_BATCH_MAX_INFLIGHT=str(max(2, args.concurrency)),
                 MODELSERVE_TASK_TIMEOUT="60", MODELSERVE_WORKER_CONCURRENCY="1", **common,
             )  # fmt: skip

@@ -25,7 +25,7 @@ PLAY = """
 CREDENTIALS = {
     "host": "broker",
     "port": 5671,
-    "user": "modelserve",
+    "user": "modelserve-web",
     "password": "x" * 24,
     "vhost": "modelserve",
 }
@@ -35,7 +35,8 @@ def preflight(tmp_path, ansible_bin, ansible_env, path="/usr/bin:/bin", **extra)
     evars = {
         "ansible_python_interpreter": sys.executable,
         "model_serving_components": ["web", "worker"],
-        "model_serving_broker_credentials": CREDENTIALS,
+        "model_serving_web_broker_credentials": CREDENTIALS,
+        "model_serving_worker_broker_credentials": dict(CREDENTIALS, user="modelserve-worker"),
     }
     evars.update(extra)
     return run_playbook(
@@ -70,14 +71,22 @@ def test_systemd_mode_passes(tmp_path, ansible_bin, ansible_env):
         ),
         ({"model_serving_http_port": "http"}, "argument 'model_serving_http_port' is of type str"),
         (
-            {"model_serving_broker_credentials": dict(CREDENTIALS, port="amqp")},
+            {"model_serving_web_broker_credentials": dict(CREDENTIALS, port="amqp")},
             "argument 'port' is of type str",
         ),
         # The preflight checks what the specs cannot say.
         ({"model_serving_components": []}, "model_serving_components must not be empty"),
         ({"model_serving_http_port": 70000}, "model_serving_http_port must be 1-65535"),
         ({"model_serving_releases_keep": 1}, "at least 2 (one to roll back to)"),
-        ({"model_serving_broker_credentials": dict(CREDENTIALS, user="guest")}, "user (not guest)"),
+        ({"model_serving_web_broker_credentials": dict(CREDENTIALS, user="guest")}, "user (not guest)"),
+        (
+            {"model_serving_worker_broker_credentials": {}},
+            "model_serving_worker_broker_credentials needs host, port, user",
+        ),
+        (
+            {"model_serving_worker_broker_credentials": CREDENTIALS},
+            "name the same broker user: the web and the workers each have their own",
+        ),
         ({"model_serving_web_memory_max": "lots"}, "must be a systemd size (e.g. 1G, 800M) or infinity"),
         ({"model_serving_web_tasks_max": 32}, "must cover web_workers x web_threads + 16"),
         ({"model_serving_drift_min_rows": 0}, "model_serving_drift_min_rows at least 1"),

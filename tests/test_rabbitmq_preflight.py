@@ -52,6 +52,13 @@ def test_an_even_number_of_nodes_is_refused_with_the_reason(tmp_path, ansible_bi
         ({"rabbitmq_cluster_hosts": ["b1", "b2", "b3"]}, "must list this host"),
         ({"rabbitmq_cluster_hosts": ["localhost", "b2", "b2"]}, "no host twice"),
         ({"rabbitmq_max_message_size": 0}, "rabbitmq_max_message_size must be"),
+        # Least privilege: the management API on loopback only, one user per tier, and a task
+        # queue outside the names the web may configure and read.
+        ({"rabbitmq_management_listen_address": "0.0.0.0"}, "must be a loopback IPv4 address"),
+        ({"rabbitmq_worker_user": "modelserve-web"}, "the two users must differ"),
+        ({"rabbitmq_task_queue": "modelserve.reply.x"}, "outside the web's own modelserve.reply.*"),
+        ({"rabbitmq_web_password": "short"}, "at least 16 characters on one line"),
+        ({"rabbitmq_app_password": "x" * 20}, "rabbitmq_app_user and rabbitmq_app_password are gone"),
     ],
 )
 def test_bad_cluster_settings_are_refused(tmp_path, ansible_bin, ansible_env, extra, message):

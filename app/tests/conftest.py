@@ -61,9 +61,12 @@ def rabbitmq(tmp_path_factory):
 
 
 class Stack:
-    """Workers + gunicorn on the session's RabbitMQ, with their own queue and model dir."""
+    """Workers + gunicorn on the session's RabbitMQ, with their own queue and model dir.
 
-    def __init__(self, broker_url: str, base: Path, **env: str) -> None:
+    ``broker_urls``: each component's URL (``RabbitMQ.urls()``: the web's and the workers' users,
+    with the rabbitmq role's permissions)."""
+
+    def __init__(self, broker_urls: dict[str, str], base: Path, **env: str) -> None:
         self.base = base
         self.model_dir = base / "models"
         devstack.install_release(self.model_dir, SEED_RELEASE)
@@ -79,14 +82,17 @@ class Stack:
             "MODELSERVE_STATUS_INTERVAL": "1",
         }
         settings.update(env)
-        self.env = devstack.stack_env(broker_url, self.model_dir, f"127.0.0.1:{self.port}", **settings)
+        self.env = devstack.stack_env(
+            broker_urls["web"], self.model_dir, f"127.0.0.1:{self.port}", **settings
+        )
+        self.worker_env = {**self.env, "MODELSERVE_BROKER_URL": broker_urls["worker"]}
         self.workers: list = []
         self.web = None
 
     def start_worker(self, **env: str):
         """A worker; ``env`` overrides settings for this one (e.g. its own MODELSERVE_MODEL_DIR)."""
         log = self.base / f"worker{len(self.workers)}.log"
-        proc = devstack.start_worker({**self.env, **env}, log)
+        proc = devstack.start_worker({**self.worker_env, **env}, log)
         self.workers.append(proc)
         return proc
 
@@ -133,8 +139,8 @@ class Stack:
 def make_stack(rabbitmq, tmp_path):
     stacks: list[Stack] = []
 
-    def factory(workers: int = 1, web: bool = True, broker_url: str | None = None, **env: str) -> Stack:
-        stack = Stack(broker_url or rabbitmq.url, tmp_path / f"stack{len(stacks)}", **env)
+    def factory(workers: int = 1, web: bool = True, broker_urls: dict | None = None, **env: str) -> Stack:
+        stack = Stack(broker_urls or rabbitmq.urls(), tmp_path / f"stack{len(stacks)}", **env)
         stacks.append(stack)
         for _ in range(workers):
             stack.start_worker()
@@ -150,7 +156,7 @@ def make_stack(rabbitmq, tmp_path):
 @pytest.fixture(scope="session")
 def live_stack(rabbitmq, tmp_path_factory):
     """One shared, non-destructive stack (2 workers) for round-trip, browser and property tests."""
-    stack = Stack(rabbitmq.url, tmp_path_factory.mktemp("live"))
+    stack = Stack(rabbitmq.urls(), tmp_path_factory.mktemp("live"))
     stack.start_worker()
     stack.start_worker()
     stack.start_web()

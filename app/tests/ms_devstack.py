@@ -1,8 +1,9 @@
 """A private local stack for the app's tests and ``bench/bench_app.py`` (not part of the package).
 
 Starts its own RabbitMQ node (own node name, ports, epmd, data/log dirs and Erlang cookie under a
-temporary directory; a random non-guest user), Celery workers and gunicorn, all bound to
-127.0.0.1, and stops every process it started.
+temporary directory), Celery workers and gunicorn, all bound to 127.0.0.1, and stops every process
+it started. The node has the users the rabbitmq role makes, with the role's own permission regexes
+(read from roles/rabbitmq/vars/main.yml): the web and the workers run with least privilege.
 """
 
 from __future__ import annotations
@@ -25,6 +26,35 @@ from modelserve.release import METADATA, release_files
 
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 RABBITMQCTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"
+# Where the role keeps the permissions of its users: the one place both read.
+ROLE_VARS = Path(__file__).resolve().parents[2] / "roles" / "rabbitmq" / "vars" / "main.yml"
+# The task queues the tests (modelserve.test.<8 hex digits>) and bench/bench_app.py (bench.<mode>)
+# use, as a regex standing for the role's rabbitmq_task_queue.
+TASK_QUEUES = r"(modelserve\.test\.[0-9a-f]{8}|bench\.[a-z-]+)"
+
+
+def role_permissions(task_queue_regex: str = TASK_QUEUES, remote_control: bool = False) -> dict:
+    """{user: (configure, write, read)} of roles/rabbitmq for these task queues.
+
+    The role templates its regexes with two variables only ({{ __rabbitmq_q }}, the escaped task
+    queue name, and {{ __rabbitmq_remote_control }}); they are replaced here the same way.
+    """
+    import yaml
+
+    data = yaml.safe_load(ROLE_VARS.read_text(encoding="utf-8"))
+    remote = data["__rabbitmq_remote_control_regex"] if remote_control else ""
+    out = {}
+    for user, perms in data["__rabbitmq_permissions"].items():
+        regexes = tuple(
+            perms[kind]
+            .replace("{{ __rabbitmq_q }}", task_queue_regex)
+            .replace("{{ __rabbitmq_remote_control }}", remote)
+            for kind in ("configure", "write", "read")
+        )
+        if any("{{" in r for r in regexes):
+            raise ValueError(f"{ROLE_VARS}: a placeholder this reader does not know in {regexes}")
+        out[user] = regexes
+    return out
 
 
 def rabbitmq_available() -> bool:
@@ -100,16 +130,24 @@ def free_port() -> int:
 
 
 class RabbitMQ:
-    def __init__(self, base: Path) -> None:
+    """The node and its users: ``web`` and ``worker`` with the role's permissions, ``worker_rc`` the
+    worker's with Celery remote control allowed (rabbitmq_celery_remote_control), and ``admin``
+    (``.*``) for what the tests themselves do (declare a queue, read what was parked)."""
+
+    ROLES = ("web", "worker", "worker_rc", "admin")
+
+    def __init__(self, base: Path, task_queues: str = TASK_QUEUES) -> None:
         self.base = Path(base)
         self.port = free_port()
         self.tls_port = free_port()
         self.dist_port = free_port()
         self.epmd_port = free_port()
         self.node = f"ms{secrets.token_hex(4)}@localhost"
-        self.user = f"modelserve_{secrets.token_hex(3)}"
-        self.password = secrets.token_hex(18)  # never starts with "-" (rabbitmqctl would read an option)
         self.vhost = "modelserve"
+        self.task_queues = task_queues
+        tag = secrets.token_hex(3)
+        # token_hex never starts with "-" (rabbitmqctl would read an option)
+        self.users = {role: (f"modelserve_{role}_{tag}", secrets.token_hex(18)) for role in self.ROLES}
         self.proc: subprocess.Popen | None = None
         self.env = self._env()
 
@@ -153,13 +191,28 @@ class RabbitMQ:
         )
         return env
 
-    @property
-    def url(self) -> str:
-        return f"amqp://{self.user}:{self.password}@127.0.0.1:{self.port}/{self.vhost}"
+    def permissions(self) -> dict[str, tuple[str, str, str]]:
+        perms = role_permissions(self.task_queues)
+        return {
+            "web": perms["web"],
+            "worker": perms["worker"],
+            "worker_rc": role_permissions(self.task_queues, remote_control=True)["worker"],
+            "admin": (".*", ".*", ".*"),
+        }
+
+    def url_for(self, role: str, tls: bool = False, port: int | None = None) -> str:
+        user, password = self.users[role]
+        scheme, default = ("amqps", self.tls_port) if tls else ("amqp", self.port)
+        return f"{scheme}://{user}:{password}@127.0.0.1:{port or default}/{self.vhost}"
+
+    def urls(self, tls: bool = False, worker: str = "worker") -> dict[str, str]:
+        """The broker URL of each component: the web's user, and the workers' (``worker_rc``: with
+        remote control allowed)."""
+        return {"web": self.url_for("web", tls), "worker": self.url_for(worker, tls)}
 
     @property
-    def tls_url(self) -> str:
-        return f"amqps://{self.user}:{self.password}@127.0.0.1:{self.tls_port}/{self.vhost}"
+    def admin_url(self) -> str:
+        return self.url_for("admin")
 
     def tls_env(self, client_cert: bool = True) -> dict[str, str]:
         """The MODELSERVE_BROKER_TLS_* settings of a client of tls_url."""
@@ -210,8 +263,10 @@ class RabbitMQ:
         try:
             self.ctl("await_startup", timeout=timeout)
             self.ctl("add_vhost", self.vhost)
-            self.ctl("add_user", self.user, self.password)
-            self.ctl("set_permissions", "-p", self.vhost, self.user, ".*", ".*", ".*")
+            for role, (configure, write, read) in self.permissions().items():
+                user, password = self.users[role]
+                self.ctl("add_user", user, password)
+                self.ctl("set_permissions", "-p", self.vhost, user, configure, write, read)
             with contextlib.suppress(RuntimeError):
                 self.ctl("delete_user", "guest")
         except BaseException:

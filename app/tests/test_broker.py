@@ -6,6 +6,7 @@ from __future__ import annotations
 import secrets
 import time
 
+import amqp
 import ms_devstack as devstack
 import pytest
 import requests
@@ -57,7 +58,13 @@ def test_the_task_queue_is_a_quorum_queue_with_a_dead_letter_queue(make_stack, r
 
 
 def test_remote_control_is_there_only_when_asked(make_stack, rabbitmq):
-    make_stack(workers=1, web=False, MODELSERVE_WORKER_REMOTE_CONTROL="1")
+    # The worker user with the role's remote-control permissions (rabbitmq_celery_remote_control).
+    make_stack(
+        workers=1,
+        web=False,
+        broker_urls=rabbitmq.urls(worker="worker_rc"),
+        MODELSERVE_WORKER_REMOTE_CONTROL="1",
+    )
     deadline = time.monotonic() + 30
     while not [q for q in queue_types(rabbitmq) if q.endswith(".celery.pidbox")]:
         assert time.monotonic() < deadline, "no pidbox queue 30 s after the worker started"
@@ -67,10 +74,10 @@ def test_remote_control_is_there_only_when_asked(make_stack, rabbitmq):
 def test_a_poison_message_is_parked_after_the_delivery_limit(make_stack, rabbitmq):
     """A task that always hands its message back is delivered limit + 1 times, then parked."""
     stack = make_stack(workers=0, web=False, MODELSERVE_TASK_DELIVERY_LIMIT="3")
-    worker = devstack.start_poison_worker(stack.env, stack.base / "poison-worker.log")
+    worker = devstack.start_poison_worker(stack.worker_env, stack.base / "poison-worker.log")
     stack.workers.append(worker)
     settings = load_settings(stack.env)
-    with Connection(rabbitmq.url, connect_timeout=5) as conn:
+    with Connection(rabbitmq.admin_url, connect_timeout=5) as conn:
         settings_task_queue(settings)(conn.default_channel).declare()
         poison = task_message(POISON, [], reply_to="")
         unknown = task_message("modelserve.no_such_task", [], reply_to="")
@@ -108,8 +115,12 @@ def test_a_poison_message_is_parked_after_the_delivery_limit(make_stack, rabbitm
 
 
 def test_clients_fail_over_to_the_next_broker_url(make_stack, rabbitmq):
-    dead = f"amqp://{rabbitmq.user}:{rabbitmq.password}@127.0.0.1:{devstack.free_port()}/{rabbitmq.vhost}"
-    stack = make_stack(workers=1, broker_url=f"{dead};{rabbitmq.url}", MODELSERVE_BROKER_CONNECT_TIMEOUT="1")
+    port = devstack.free_port()
+    urls = {
+        c: f"{rabbitmq.url_for(role, port=port)};{rabbitmq.url_for(role)}"
+        for c, role in (("web", "web"), ("worker", "worker"))
+    }
+    stack = make_stack(workers=1, broker_urls=urls, MODELSERVE_BROKER_CONNECT_TIMEOUT="1")
     stack.wait_ready(40)
     for _ in range(5):  # both web processes, whichever node each starts with
         r = requests.post(f"{stack.url}/api/v1/predict", json={"row": ROW}, timeout=15)
@@ -135,7 +146,7 @@ def test_idle_connections_keep_their_heartbeats(make_stack, rabbitmq):
 def test_an_unused_classic_queue_of_the_same_name_is_replaced(make_stack, rabbitmq):
     """Upgrading: the classic queue of before is deleted once unused, and declared as a quorum queue."""
     name = f"modelserve.test.{secrets.token_hex(4)}"
-    with Connection(rabbitmq.url, connect_timeout=5) as conn:
+    with Connection(rabbitmq.admin_url, connect_timeout=5) as conn:
         task_queue(name)(conn.default_channel).declare()  # what the previous version declared
     assert queue_types(rabbitmq)[name] == "classic"
     stack = make_stack(workers=1, MODELSERVE_TASK_QUEUE=name)
@@ -150,3 +161,109 @@ def test_an_unused_classic_queue_of_the_same_name_is_replaced(make_stack, rabbit
     stack.wait_ready(60)
     assert requests.post(f"{stack.url}/api/v1/predict", json={"row": ROW}, timeout=15).status_code == 200
     assert queue_types(rabbitmq)[name] == "quorum"
+
+
+# --- least privilege: each component's broker user, with the rabbitmq role's permissions ---------
+
+
+def _purge(channel, q):
+    channel.queue_purge(q)
+
+
+def _delete(channel, q):
+    channel.queue_delete(q)
+
+
+def _consume(channel, q):
+    channel.basic_consume(q, callback=lambda m: None)
+
+
+def _get(channel, q):
+    channel.basic_get(q)
+
+
+def _declare(channel, q):
+    settings_task_queue(
+        load_settings({"MODELSERVE_BROKER_URL": "amqp://u:p@h/v", "MODELSERVE_TASK_QUEUE": q})
+    )(channel).declare()
+
+
+def _siphon(channel, q):
+    """A queue of the web's own names, bound to the task exchange: the tasks copied to it."""
+    name = f"modelserve.status.thief.{secrets.token_hex(4)}"
+    channel.queue_declare(name, exclusive=True, auto_delete=True)
+    channel.queue_bind(name, exchange=q, routing_key=q)
+
+
+def _publish(exchange, routing_key=None):
+    def action(channel, q):
+        channel.basic_publish(
+            amqp.Message(b"{}"), exchange=exchange.format(q=q), routing_key=routing_key or q
+        )
+        channel.queue_declare(q, passive=True)  # a synchronous call: the refusal arrives before its answer
+
+    return action
+
+
+def _dead_letters(channel, q):
+    channel.basic_get(f"{q}.dead")
+
+
+@pytest.mark.parametrize(
+    ("user", "action"),
+    [
+        # A compromised front end cannot empty, delete, drain or copy the prediction queue ...
+        ("web", _purge),
+        ("web", _delete),
+        ("web", _consume),
+        ("web", _get),
+        ("web", _siphon),
+        ("web", _dead_letters),
+        # ... declare it (or anything shared), answer in a worker's place through amq.default, nor
+        # send Celery remote-control commands (none would be listened to anyway: it is off).
+        ("web", _declare),
+        ("web", _publish("")),
+        ("web", _publish("celery.pidbox", "")),
+        # A worker cannot send remote-control commands either, nor publish outside its names.
+        ("worker", _publish("celery.pidbox", "")),
+        ("worker", _publish("amq.topic")),
+    ],
+    ids=lambda v: v if isinstance(v, str) else getattr(v, "__name__", "publish"),
+)
+def test_each_user_is_refused_what_its_component_does_not_do(rabbitmq, user, action):
+    """ACCESS_REFUSED from the real broker, with the role's regexes (ms_devstack reads them)."""
+    q = f"modelserve.test.{secrets.token_hex(4)}"
+    with Connection(rabbitmq.admin_url, connect_timeout=5) as admin:
+        _declare(admin.default_channel, q)
+        _publish("{q}")(admin.default_channel, q)  # something to purge, get or consume
+    with (
+        Connection(rabbitmq.url_for(user), connect_timeout=5) as conn,
+        pytest.raises(amqp.exceptions.AccessRefused),
+    ):
+        action(conn.channel(), q)
+    # Not a queue that was missing: the task message is still there, for the worker.
+    with Connection(rabbitmq.url_for("worker"), connect_timeout=5) as conn:
+        assert conn.channel().basic_get(q, no_ack=True) is not None
+
+
+@pytest.mark.parametrize(
+    ("user", "action"),
+    [
+        ("worker", _declare),
+        ("worker", _purge),
+        ("worker", _consume),
+        ("worker", _get),
+        ("worker", _dead_letters),
+        ("worker", _publish("")),  # replies, through amq.default
+        ("worker", _publish("{q}")),  # retries
+        ("web", _publish("{q}")),  # tasks
+    ],
+    ids=lambda v: v if isinstance(v, str) else getattr(v, "__name__", "publish"),
+)
+def test_each_user_may_do_what_its_component_does(rabbitmq, user, action):
+    """The other side of the test above: the same calls, by the user whose job they are, work."""
+    q = f"modelserve.test.{secrets.token_hex(4)}"
+    with Connection(rabbitmq.admin_url, connect_timeout=5) as admin:
+        _declare(admin.default_channel, q)
+    with Connection(rabbitmq.url_for(user), connect_timeout=5) as conn:
+        action(conn.channel(), q)

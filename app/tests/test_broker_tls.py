@@ -12,7 +12,7 @@ ROW = [6, 148, 72, 35, 0, 33.6, 0.627, 50]
 
 
 def _connect(rabbitmq, **env):
-    settings = load_settings({"MODELSERVE_BROKER_URL": rabbitmq.tls_url, **env})
+    settings = load_settings({"MODELSERVE_BROKER_URL": rabbitmq.url_for("web", tls=True), **env})
     conn = Connection(settings.broker_url, connect_timeout=5, ssl=settings.broker_ssl())
     try:
         conn.connect()
@@ -21,7 +21,7 @@ def _connect(rabbitmq, **env):
 
 
 def test_web_and_worker_predict_over_tls(make_stack, rabbitmq):
-    stack = make_stack(broker_url=rabbitmq.tls_url, **rabbitmq.tls_env())
+    stack = make_stack(broker_urls=rabbitmq.urls(tls=True), **rabbitmq.tls_env())
     stack.wait_ready(60)
     r = requests.post(f"{stack.url}/api/v1/predict", json={"row": ROW}, timeout=15)
     assert r.status_code == 200, r.text

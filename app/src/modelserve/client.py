@@ -16,6 +16,11 @@ One :class:`TaskClient` per web process, started lazily (so it is created after 
   count (a passive declare: :meth:`TaskClient.consumers`). Workers consume only while they have
   a model, so that count is the number of workers that can answer a prediction now.
 
+The web declares nothing it shares with others: the workers declare the task queue, its exchange
+and their status exchange, the web only checks they exist (passive declares). Its broker user may
+publish to the task exchange and use its own ``modelserve.reply.*``/``modelserve.status.*`` queues,
+nothing more (roles/rabbitmq, "Users and permissions"): it cannot delete, purge or read the queue.
+
 Every wait is bounded: no answer within ``MODELSERVE_TASK_TIMEOUT`` (or no broker) raises
 :class:`ServiceUnavailable`, which the web turns into a 503. Messages carry the same TTL, so a
 task nobody consumed in time is dropped by RabbitMQ instead of piling up.
@@ -43,8 +48,8 @@ from modelserve.metrics import Metrics
 from modelserve.protocol import (
     STATUS_STATES,
     TASK_PREDICT,
-    settings_task_queue,
     status_queue,
+    task_exchange,
     task_message,
     task_producer,
 )
@@ -164,6 +169,7 @@ class TaskClient:
             self._producer: Producer | None = None
             self._last_failure = 0.0
             self._last_error = ""
+            self._publish_reason = ""  # why the last publisher connection was refused, when not the broker
             self._stop = threading.Event()
             self._consumers: tuple[float, int] | None = None  # (monotonic time, count)
             self._consumers_seen = threading.Event()
@@ -290,20 +296,31 @@ class TaskClient:
         if self._producer is not None:
             return self._producer
         if time.monotonic() - self._last_failure < 1.0:
-            raise ServiceUnavailable(f"broker unreachable: {self._last_error}", "broker")
+            self._raise_publish_failure()
         if not self._reply_ready.wait(self.settings.broker_connect_timeout):
             raise ServiceUnavailable(f"broker unreachable: {self._last_error or 'no reply queue'}", "broker")
         conn = None
         try:
             conn = self._nodes.connect()
             channel = conn.channel()
-            settings_task_queue(self.settings)(channel).declare()
+            # Passive: the workers declare the exchange and the queue (a task published to a missing
+            # exchange would be lost with the channel).
+            task_exchange(self.settings.task_queue)(channel).declare(passive=True)
             self._producer = task_producer(channel, self.settings.task_queue)
         except Exception as exc:
             self._publisher_failed(conn, exc)
-            raise ServiceUnavailable(f"broker unreachable: {self._last_error}", "broker") from None
+            if getattr(exc, "reply_code", None) == 404:
+                self._publish_reason = (
+                    f"no task queue {self.settings.task_queue!r} yet: no worker has started"
+                )
+            self._raise_publish_failure()
         self._pub = conn
         return self._producer
+
+    def _raise_publish_failure(self) -> None:
+        if self._publish_reason:  # the broker answered: the task exchange does not exist yet
+            raise ServiceUnavailable(self._publish_reason, "no_queue") from None
+        raise ServiceUnavailable(f"broker unreachable: {self._last_error}", "broker") from None
 
     def _publisher_keepalive(self) -> None:
         """Heartbeats of the publishing connection, in the batcher thread that owns it."""
@@ -315,6 +332,7 @@ class TaskClient:
             self._publisher_failed(self._pub, exc)
 
     def _publisher_failed(self, conn: Connection | None, exc: Exception) -> None:
+        self._publish_reason = ""
         self._last_failure = time.monotonic()
         self._last_error = f"{type(exc).__name__}: {exc}"
         log.warning("publishing to the broker failed: %s", self._last_error)
@@ -360,13 +378,11 @@ class TaskClient:
                 channel = conn.channel()
                 consumer = Consumer(channel, queues=[reply_queue], no_ack=True, on_message=self._on_reply)
                 consumer.consume()
-                statuses = status_queue(self.settings.task_queue, name.replace(".reply.", ".status.", 1))
-                Consumer(channel, queues=[statuses], no_ack=True, on_message=self._on_status).consume()
-                self._fleet_since = time.monotonic()
                 self._reply_to = name
                 self._reply_ready.set()
                 backoff = 0.2
                 probe, next_probe = None, 0.0
+                statuses = None
                 while not self._stop.is_set():
                     with contextlib.suppress(TimeoutError):
                         conn.drain_events(timeout=0.25)
@@ -376,6 +392,7 @@ class TaskClient:
                         self._recount = False
                         next_probe = time.monotonic() + CONSUMERS_EVERY
                         probe = self._count_consumers(conn, probe)
+                        statuses = statuses or self._subscribe_status(conn, name)
             except Exception as exc:
                 self._reply_ready.clear()
                 self._consumers = None
@@ -389,6 +406,21 @@ class TaskClient:
                 if conn is not None:
                     with contextlib.suppress(Exception):
                         conn.release()
+
+    def _subscribe_status(self, conn: Connection, reply_name: str) -> Any:
+        """The workers' statuses, on a channel of their own; None (tried again at the next probe)
+        while their exchange does not exist: no worker has started since the broker did, and the
+        web may not declare it. Predictions never wait for it."""
+        channel = conn.channel()
+        statuses = status_queue(self.settings.task_queue, reply_name.replace(".reply.", ".status.", 1))
+        try:
+            Consumer(channel, queues=[statuses], no_ack=True, on_message=self._on_status).consume()
+        except conn.channel_errors:
+            with contextlib.suppress(Exception):
+                channel.close()
+            return None
+        self._fleet_since = time.monotonic()
+        return channel
 
     def _count_consumers(self, conn: Connection, probe: Any) -> Any:
         """Passive declare on its own channel (a missing queue closes the channel it was asked on)."""

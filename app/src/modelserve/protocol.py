@@ -116,7 +116,9 @@ _ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
 
 
 def task_producer(channel: Any, queue_name: str) -> Producer:
-    return Producer(channel, exchange=task_exchange(queue_name), serializer="json")
+    """Publishes to the task exchange without declaring it (auto_declare off): the workers declare
+    it, and the web's broker user may not."""
+    return Producer(channel, exchange=task_exchange(queue_name), serializer="json", auto_declare=False)
 
 
 class TaskMessage(NamedTuple):
@@ -185,5 +187,11 @@ def status_exchange(queue_name: str) -> Exchange:
 
 
 def status_queue(queue_name: str, name: str) -> Queue:
-    """A web process's private queue of worker statuses (deleted with its connection)."""
-    return Queue(name, status_exchange(queue_name), exclusive=True, auto_delete=True, durable=False)
+    """A web process's private queue of worker statuses (deleted with its connection).
+
+    The exchange is only checked (passive): the workers declare it; the web's broker user may not
+    (least privilege: it declares nothing it shares), so a missing one is a 404 NOT_FOUND.
+    """
+    exchange = status_exchange(queue_name)
+    exchange.passive = True
+    return Queue(name, exchange, exclusive=True, auto_delete=True, durable=False)

@@ -231,6 +231,7 @@ def error(message: str, status: int, headers: dict[str, str] | None = None, **ex
 _UNAVAILABLE = {
     "timeout": "no worker answered in time",
     "broker": "the message broker is unreachable",
+    "no_queue": "no worker has started yet",
     "worker": "a worker failed to compute the answer",
 }
 

@@ -143,8 +143,10 @@ def test_worker_metrics_are_open_to_the_cluster_network_only():
 
 def test_broker_refuses_guest_and_listens_on_the_cluster_network():
     broker = _host("cl-broker")
-    users = broker.check_output("rabbitmqctl -q list_users")
-    assert "guest" not in users and "modelserve" in users
+    out = broker.check_output("rabbitmqctl -q list_users --no-table-headers")
+    users = {line.split()[0] for line in out.splitlines() if line.strip()}
+    # One user per tier (least privilege); no guest, no single .* user.
+    assert {"modelserve-web", "modelserve-worker"} <= users and not users & {"guest", "modelserve"}, users
     # AMQP over TLS only: the front end reaches 5671, and nothing answers on plain 5672.
     probe = "import socket,sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5).close()"
     broker_ip = broker.interface("eth0").addresses[0]
@@ -183,7 +185,9 @@ def test_spare_host_joined_after_side_effect():
     if not _after_side_effect():
         pytest.skip("before side_effect: the spare host is not a worker yet")
     assert spare.service("modelserve-worker@1").is_running
-    env = spare.file("/etc/modelserve/modelserve.env").content_string
+    with spare.sudo():
+        env = spare.file("/etc/modelserve/broker-worker.env").content_string
+    assert "amqps://modelserve-worker:" in env and not spare.file("/etc/modelserve/broker-web.env").exists
     broker_ip = _host("cl-broker").interface("eth0").addresses[0]
     assert "amqps://" in env and (f"@{broker_ip}:5671/" in env or "@cl-broker:5671/" in env)
 

@@ -71,11 +71,34 @@ def test_installed_versions_are_exactly_the_lock(host):
     assert frozen == locked
 
 
-def test_environment_file_holds_the_secret_privately(host):
-    env = host.file("/etc/modelserve/modelserve.env")
+@pytest.mark.parametrize(("component", "user"), [("web", "modelserve-web"), ("worker", "modelserve-worker")])
+def test_each_component_has_its_own_broker_user_in_a_private_file(host, component, user):
+    """One broker user per component, each URL in its own file read by that component's units only."""
+    env = host.file(f"/etc/modelserve/broker-{component}.env")
     assert env.mode == 0o640 and env.user == "root" and env.group == "modelserve"
-    assert "amqps://modelserve:" in env.content_string and "amqp://" not in env.content_string
-    assert "guest" not in env.content_string
+    with host.sudo():
+        text = env.content_string
+    urls = re.findall(r"amqps://([^:]+):", text)
+    assert urls and set(urls) == {user}, urls
+    assert "amqp://" not in text and "guest" not in text
+    unit = "modelserve-web.service" if component == "web" else "modelserve-worker@.service"
+    files = host.file(f"/etc/systemd/system/{unit}").content_string
+    assert f"EnvironmentFile=/etc/modelserve/broker-{component}.env" in files
+    other = "worker" if component == "web" else "web"
+    assert f"broker-{other}.env" not in files
+    assert "MODELSERVE_BROKER_URL" not in host.file("/etc/modelserve/modelserve.env").content_string
+
+
+def test_the_running_services_connect_as_their_own_users(host):
+    """What the broker sees: the web's connections as the web user, the workers' as the worker user,
+    and no connection as the .* user of earlier versions."""
+    with host.sudo():
+        out = host.check_output("rabbitmqctl --quiet --formatter json list_connections user")
+        users = host.check_output("rabbitmqctl --quiet --formatter json list_users")
+    connections = json.loads(out)
+    by_user = {c["user"] for c in connections}
+    assert by_user == {"modelserve-web", "modelserve-worker"}, by_user
+    assert "modelserve" not in {u["user"] for u in json.loads(users)}
 
 
 def test_broker_client_certificate_of_the_cluster_ca(host):

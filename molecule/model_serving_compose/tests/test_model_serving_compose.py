@@ -61,8 +61,14 @@ def test_containers_run_unprivileged_and_read_only(host, containers):
 def test_settings_change_is_tracked_by_a_label(host, containers):
     # Compose recreates a container whose config changed: the label carries the env file's checksum.
     sha1 = host.check_output("sha1sum /etc/modelserve/modelserve.env").split()[0]
-    for c in containers.values():
-        assert inspect(host, c["Name"])["Config"]["Labels"]["modelserve.env-sha1"] == sha1
+    for name, c in containers.items():
+        labels = inspect(host, c["Name"])["Config"]["Labels"]
+        assert labels["modelserve.env-sha1"] == sha1
+        # and its own broker URL's (broker-web.env or broker-worker.env: one broker user each)
+        component = "web" if name == "web" else "worker"
+        with host.sudo():
+            broker = host.check_output(f"sha1sum /etc/modelserve/broker-{component}.env").split()[0]
+        assert labels["modelserve.broker-env-sha1"] == broker
 
 
 def test_image_holds_the_app_without_an_index(host, containers):

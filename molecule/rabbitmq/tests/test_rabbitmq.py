@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import ssl
+import time
 import urllib.request
 import uuid
 
@@ -18,11 +19,30 @@ import amqp
 import pytest
 import testinfra
 
-SECRET_FILE = "/etc/rabbitmq/modelserve-app.secret"
+SECRET_FILES = {
+    "web": "/etc/rabbitmq/modelserve-web.secret",
+    "worker": "/etc/rabbitmq/modelserve-worker.secret",
+}
+LEGACY_SECRET_FILE = "/etc/rabbitmq/modelserve-app.secret"
 COOKIE_FILE = "/var/lib/rabbitmq/.erlang.cookie"
-FIRST_SECRET_SHA256 = "/root/molecule-first-secret.sha256"
-APP_USER = "modelserve"
+FIRST_SECRET_SHA256 = "/root/molecule-first-secret-{}.sha256"
+USERS = {"web": "modelserve-web", "worker": "modelserve-worker"}
+LEGACY_USER = "modelserve"  # the single .* user of earlier versions (the converge makes one)
 VHOST = "modelserve"
+TASK_QUEUE = "modelserve.predict"  # rabbitmq_task_queue's default
+# The permissions the role gives, written out: what each tier may configure, write and read.
+PERMISSIONS = {
+    "web": {
+        "configure": r"^modelserve\.(reply|status)\..+$",
+        "write": r"^(modelserve\.predict|modelserve\.status\..+)$",
+        "read": r"^(modelserve\.predict\.status|modelserve\.(reply|status)\..+)$",
+    },
+    "worker": {
+        "configure": r"^modelserve\.predict(\.dead|\.status)?$",
+        "write": r"^(amq\.default|modelserve\.predict(\.dead|\.status)?)$",
+        "read": r"^modelserve\.predict(\.dead)?$",
+    },
+}
 AMQP_PORT = 5671  # amqps, the only AMQP listener off loopback
 PLAIN_PORT = 5672
 CA_FILE = "/etc/modelserve/pki/modelserve-ca.pem"
@@ -59,9 +79,13 @@ def cluster_ip(host):
 
 
 @pytest.fixture(scope="module")
-def app_password(host):
+def passwords(host):
     with host.sudo():
-        return host.file(SECRET_FILE).content_string.strip()
+        return {tier: host.file(path).content_string.strip() for tier, path in SECRET_FILES.items()}
+
+
+def login(address, passwords, tier, **kwargs):
+    return amqp_connect(address, USERS[tier], passwords[tier], **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -166,12 +190,12 @@ def test_tls_handshake_verifies_the_broker_by_ca_and_address(cluster_ip, tls_fil
         context.wrap_socket(raw, server_hostname="not-a-broker.invalid")
 
 
-def test_client_without_certificate_refused(cluster_ip, tls_files, app_password):
+def test_client_without_certificate_refused(cluster_ip, tls_files, passwords):
     """verify_peer + fail_if_no_peer_cert: the right password without a client certificate fails."""
     with pytest.raises((OSError, amqp.exceptions.AMQPError)):
         no_cert = tls_options(tls_files, cluster_ip, client_cert=False)
-        amqp_connect(cluster_ip, APP_USER, app_password, ssl_options=no_cert)
-    amqp_connect(cluster_ip, APP_USER, app_password).close()  # with one it works
+        login(cluster_ip, passwords, "worker", ssl_options=no_cert)
+    login(cluster_ip, passwords, "worker").close()  # with one it works
 
 
 def _served_certificate(address, tls_files):
@@ -219,25 +243,31 @@ def test_prometheus_plugin_serves_the_node_metrics_on_the_cluster_ip(host, clust
     assert "rabbitmq_identity_info{" in text and f'rabbitmq_node="rabbit@{node}"' in text
 
 
-def test_guest_deleted_app_user_present(host):
+def test_guest_and_the_earlier_user_deleted_the_tiers_users_present(host):
     users = {u["user"]: u["tags"] for u in rabbitmqctl_json(host, "list_users")}
     assert "guest" not in users
-    assert users[APP_USER] == []
+    # The converge made the single .* user of earlier versions; unused, the role deleted it.
+    assert LEGACY_USER not in users
+    assert not host.file(LEGACY_SECRET_FILE).exists
+    assert users[USERS["web"]] == [] and users[USERS["worker"]] == []  # no tags: no management UI
 
 
-def test_app_user_permissions(host):
-    perms = rabbitmqctl_json(host, "list_user_permissions", APP_USER)
-    assert perms == [{"vhost": VHOST, "configure": ".*", "write": ".*", "read": ".*"}]
+@pytest.mark.parametrize("tier", ["web", "worker"])
+def test_each_tier_has_exactly_its_permissions(host, tier):
+    perms = rabbitmqctl_json(host, "list_user_permissions", USERS[tier])
+    assert perms == [{"vhost": VHOST, **PERMISSIONS[tier]}]
 
 
-def test_secret_file_root_only(host, app_password):
-    secret = host.file(SECRET_FILE)
+@pytest.mark.parametrize("tier", ["web", "worker"])
+def test_secret_files_root_only(host, passwords, tier):
+    secret = host.file(SECRET_FILES[tier])
     assert secret.is_file
     assert secret.user == "root"
     assert secret.group == "root"
     assert secret.mode == 0o600
-    assert len(app_password) == 32
-    assert app_password.isalnum()
+    assert len(passwords[tier]) == 32
+    assert passwords[tier].isalnum()
+    assert passwords["web"] != passwords["worker"]
 
 
 def test_erlang_cookie(host):
@@ -248,27 +278,122 @@ def test_erlang_cookie(host):
     assert cookie.mode == 0o400
 
 
-def test_password_unchanged_by_second_converge(host, app_password):
+@pytest.mark.parametrize("tier", ["web", "worker"])
+def test_passwords_unchanged_by_second_converge(host, passwords, tier):
     with host.sudo():
-        first = host.file(FIRST_SECRET_SHA256).content_string.strip()
-    assert hashlib.sha256(app_password.encode()).hexdigest() == first
+        first = host.file(FIRST_SECRET_SHA256.format(tier)).content_string.strip()
+    assert hashlib.sha256(passwords[tier].encode()).hexdigest() == first
 
 
-def test_amqp_login_app_user_round_trip(cluster_ip, app_password):
-    conn = amqp_connect(cluster_ip, APP_USER, app_password)
+def _get(channel, queue):
+    for _ in range(50):
+        message = channel.basic_get(queue, no_ack=True)
+        if message is not None:
+            return message
+        time.sleep(0.1)
+    return None
+
+
+@pytest.fixture
+def task_queue(cluster_ip, passwords):
+    """The task queue as the workers declare it (their user may), with a task in it, deleted after."""
+    conn = login(cluster_ip, passwords, "worker")
+    channel = conn.channel()
+    channel.exchange_declare(TASK_QUEUE, "direct", durable=True, auto_delete=False)
+    channel.queue_declare(TASK_QUEUE, durable=True, auto_delete=False, arguments={"x-queue-type": "quorum"})
+    channel.queue_bind(TASK_QUEUE, TASK_QUEUE, TASK_QUEUE)
+    yield channel
+    channel.queue_delete(TASK_QUEUE)
+    conn.close()
+
+
+def test_the_rpc_path_works_with_the_two_users(cluster_ip, passwords, task_queue):
+    """What a prediction does: the web publishes a task, a worker takes it and answers on the web's
+    exclusive reply queue through amq.default."""
+    web = login(cluster_ip, passwords, "web")
     try:
-        channel = conn.channel()
-        queue, _, _ = channel.queue_declare(exclusive=True, auto_delete=True)
-        channel.basic_publish(amqp.Message(b"ping"), exchange="", routing_key=queue)
-        message = None
-        for _ in range(50):
-            message = channel.basic_get(queue, no_ack=True)
-            if message is not None:
-                break
-        assert message is not None
-        assert message.body == b"ping"
+        web_channel = web.channel()
+        reply = f"modelserve.reply.molecule.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        web_channel.queue_declare(reply, exclusive=True, auto_delete=True)
+        web_channel.basic_publish(
+            amqp.Message(b"task", reply_to=reply), exchange=TASK_QUEUE, routing_key=TASK_QUEUE
+        )
+        task = _get(task_queue, TASK_QUEUE)
+        assert task is not None and task.body == b"task"
+        task_queue.basic_publish(
+            amqp.Message(b"answer"), exchange="", routing_key=task.properties["reply_to"]
+        )
+        answer = _get(web_channel, reply)
+        assert answer is not None and answer.body == b"answer"
+    finally:
+        web.close()
+
+
+def _purge(channel):
+    channel.queue_purge(TASK_QUEUE)
+
+
+def _delete(channel):
+    channel.queue_delete(TASK_QUEUE)
+
+
+def _consume(channel):
+    channel.basic_consume(TASK_QUEUE, callback=lambda m: None)
+
+
+def _get_task(channel):
+    channel.basic_get(TASK_QUEUE)
+
+
+def _declare(channel):
+    channel.queue_declare(TASK_QUEUE, durable=True, auto_delete=False, arguments={"x-queue-type": "quorum"})
+
+
+def _siphon(channel):
+    """A queue of the web's own names bound to the task exchange would receive a copy of every task."""
+    name = f"modelserve.status.thief.{uuid.uuid4().hex[:8]}"
+    channel.queue_declare(name, exclusive=True, auto_delete=True)
+    channel.queue_bind(name, exchange=TASK_QUEUE, routing_key=TASK_QUEUE)
+
+
+def _publish_to(exchange):
+    def publish(channel):
+        channel.basic_publish(amqp.Message(b"{}"), exchange=exchange, routing_key=TASK_QUEUE)
+        channel.queue_declare(TASK_QUEUE, passive=True)  # synchronous: the refusal arrives first
+
+    publish.__name__ = f"publish_to_{exchange or 'amq.default'}"
+    return publish
+
+
+@pytest.mark.parametrize(
+    ("tier", "action"),
+    [
+        # A front end cannot empty, delete, drain, redeclare or copy the prediction queue ...
+        ("web", _purge),
+        ("web", _delete),
+        ("web", _consume),
+        ("web", _get_task),
+        ("web", _declare),
+        ("web", _siphon),
+        # ... nor answer in a worker's place, nor send Celery remote-control commands ...
+        ("web", _publish_to("")),
+        ("web", _publish_to("celery.pidbox")),
+        # ... and remote control is off for the workers' user too (rabbitmq_celery_remote_control).
+        ("worker", _publish_to("celery.pidbox")),
+    ],
+    ids=lambda v: v if isinstance(v, str) else v.__name__,
+)
+def test_what_a_tier_does_not_do_is_refused(cluster_ip, passwords, task_queue, tier, action):
+    task_queue.basic_publish(amqp.Message(b"task"), exchange=TASK_QUEUE, routing_key=TASK_QUEUE)
+    conn = login(cluster_ip, passwords, tier)
+    try:
+        with pytest.raises(amqp.exceptions.AccessRefused):
+            action(conn.channel())
     finally:
         conn.close()
+    # The queue and its task are still there, for the workers.
+    task = _get(task_queue, TASK_QUEUE)
+    assert task is not None and task.body == b"task"
 
 
 @pytest.mark.parametrize(
@@ -276,7 +401,9 @@ def test_amqp_login_app_user_round_trip(cluster_ip, app_password):
     [
         ("guest", "guest", "/"),
         ("guest", "guest", VHOST),
-        (APP_USER, "not-the-password", VHOST),
+        (USERS["web"], "not-the-password", VHOST),
+        (USERS["worker"], "not-the-password", VHOST),
+        (LEGACY_USER, "legacy-password-of-before", VHOST),
     ],
 )
 def test_amqp_login_refused(cluster_ip, userid, password, vhost):
@@ -300,17 +427,19 @@ def test_partition_handling_and_message_size(host):
     assert size.strip() == "{ok,8388608}"
 
 
-def test_one_cookie_and_one_password_for_the_cluster(host):
+def test_one_cookie_and_one_password_per_user_for_the_cluster(host):
     # The seed's, taken by the nodes that joined (and a cluster of different cookies could not form).
     assert sha256_of(host, COOKIE_FILE) == sha256_of(broker(BROKERS[0]), COOKIE_FILE)
-    assert sha256_of(host, SECRET_FILE) == sha256_of(broker(BROKERS[0]), SECRET_FILE)
+    for path in SECRET_FILES.values():
+        assert sha256_of(host, path) == sha256_of(broker(BROKERS[0]), path)
 
 
-def test_a_quorum_queue_is_replicated_on_every_node(host, cluster_ip, app_password):
-    """Declared and published on this node, read from the next one: one queue, three members."""
-    name = f"molecule.quorum.{uuid.uuid4().hex[:8]}"
+def test_a_quorum_queue_is_replicated_on_every_node(host, cluster_ip, passwords):
+    """Declared and published on this node, read from the next one: one queue, three members. The
+    task queue's name, with the workers' user (the only names it may declare)."""
+    name = TASK_QUEUE
     other = broker(BROKERS[(BROKERS.index(host.backend.get_hostname()) + 1) % len(BROKERS)])
-    conn = amqp_connect(cluster_ip, APP_USER, app_password)
+    conn = login(cluster_ip, passwords, "worker")
     try:
         channel = conn.channel()
         channel.queue_declare(name, durable=True, auto_delete=False, arguments={"x-queue-type": "quorum"})
@@ -319,7 +448,7 @@ def test_a_quorum_queue_is_replicated_on_every_node(host, cluster_ip, app_passwo
             status = f"rabbitmq-queues --quiet --formatter json quorum_status {name} --vhost {VHOST}"
             members = host.check_output(status)
         assert sorted(m["Node Name"] for m in json.loads(members)) == NODES
-        other_conn = amqp_connect(address_of(other), APP_USER, app_password)
+        other_conn = login(address_of(other), passwords, "worker")
         try:
             other_channel, message = other_conn.channel(), None
             for _ in range(50):
