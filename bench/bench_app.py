@@ -394,7 +394,8 @@ def main() -> int:
     parser.add_argument(
         "--queue-types",
         default="quorum,classic",
-        help="task queue types to run the optimised stack with, in order (default quorum,classic)",
+        help="stacks to run, in order: quorum, classic, with +tls for AMQP over TLS (default quorum,classic;"
+        " each is compared with the last)",
     )
     parser.add_argument(
         "--drift-rounds",
@@ -418,9 +419,11 @@ def main() -> int:
         print("bench_app: rabbitmq-server not found (apt-get install rabbitmq-server)", file=sys.stderr)
         return 2
 
+    # A stack: a task queue type, with "+tls" for AMQP over TLS (verify_peer, client certificates),
+    # as the rabbitmq role serves it; without, plain AMQP on loopback, as before issue 14.
     queue_types = [t.strip() for t in args.queue_types.split(",") if t.strip()]
-    if not queue_types or not set(queue_types) <= {"quorum", "classic"}:
-        print("bench_app: --queue-types takes quorum and/or classic", file=sys.stderr)
+    if not queue_types or not set(queue_types) <= {"quorum", "classic", "quorum+tls", "classic+tls"}:
+        print("bench_app: --queue-types takes quorum, classic, quorum+tls, classic+tls", file=sys.stderr)
         return 2
     started = time.monotonic()
     base = Path(tempfile.mkdtemp(prefix="modelserve-bench-"))
@@ -442,14 +445,16 @@ def main() -> int:
             front_door_results = front_door(args, base, rabbit, model_dir, common, procs)
             args.drift_only, args.drift_rounds, args.skip_naive = True, 0, True  # nothing else
         for queue_type in [] if args.drift_only else queue_types:
+            tls = queue_type.endswith("+tls")
             url, web, workers = start_stack(
                 base,
-                rabbit.urls(),
+                rabbit.urls(tls=tls),
                 model_dir,
-                f"bench.{queue_type}",
+                f"bench.{queue_type.replace('+', '-')}",
                 args.workers,
                 MODELSERVE_WORKER_POOL="threads",
-                MODELSERVE_TASK_QUEUE_TYPE=queue_type,
+                MODELSERVE_TASK_QUEUE_TYPE=queue_type.removesuffix("+tls"),
+                **(rabbit.tls_env() if tls else {}),
                 **common,
             )
             procs += [web, *workers]
@@ -586,13 +591,17 @@ def main() -> int:
     if "naive single-row" in results and results["naive single-row"]["rps"] > 0:
         ratio = results[first]["rps"] / results["naive single-row"]["rps"]
         print(f"\noptimised ({queue_types[0]}) / naive (single rows, same run): {ratio:.0f}x")
-    if {"quorum single-row", "classic single-row"} <= set(results):
-        q, c = results["quorum single-row"], results["classic single-row"]
-        qb, cb = results[f"quorum batch x{args.batch_rows}"], results[f"classic batch x{args.batch_rows}"]
+    # Every stack beside the last one named (e.g. --queue-types quorum+tls,quorum,classic: today's
+    # production path, then without TLS, each against the classic queue in clear of before).
+    stacks = [] if args.drift_only else queue_types
+    for name in stacks[:-1]:
+        base_name = stacks[-1]
+        q, c = results[f"{name} single-row"], results[f"{base_name} single-row"]
+        qb, cb = results[f"{name} batch x{args.batch_rows}"], results[f"{base_name} batch x{args.batch_rows}"]
         print(
-            f"quorum / classic (same run): single-row req/s {q['rps'] / c['rps']:.1%}, "
+            f"{name} / {base_name} (same run): single-row req/s {q['rps'] / c['rps']:.1%}, "
             f"p99 {q['p99']:.1f} vs {c['p99']:.1f} ms; batched pred/s "
-            f"{qb['predictions_per_s'] / cb['predictions_per_s']:.1%}"
+            f"{qb['predictions_per_s'] / max(1e-9, cb['predictions_per_s']):.1%}"
         )
     for queue_type in [] if args.drift_only else queue_types:
         json_name = f"{queue_type} batch x{args.batch_rows}"
