@@ -62,7 +62,8 @@ def _pool_status(proxy, server):
 
 
 def test_a_front_end_that_does_not_come_back_healthy_stops_the_play(tmp_path):
-    """cl-frontend gets a broker it cannot reach: restarted first, its /readyz stays 503, so the play
+    """cl-frontend gets a task queue its broker user may not use (the broker URL is the tier's own
+    file, broker-web.env): restarted first, its /readyz stays 503, so the play
     stops before cl-frontend2's batch. Meanwhile cl-frontend is out of every proxy's pool and the VIP
     still answers; a run with the setting gone puts it back.
     """
@@ -70,8 +71,8 @@ def test_a_front_end_that_does_not_come_back_healthy_stops_the_play(tmp_path):
         pytest.skip("runs once, before side_effect")
     broken, other = FRONTENDS
     before = {n: _unit(n, "modelserve-web")["MainPID"] for n in FRONTENDS}
-    bad_broker = {"model_serving_extra_env": {"MODELSERVE_BROKER_URL": "amqp://nobody:nothing@127.0.0.1:1/"}}
-    inventory = _inventory_file(tmp_path, {"all": {"hosts": {broken: bad_broker}}})
+    no_queue = {"model_serving_extra_env": {"MODELSERVE_TASK_QUEUE": "modelserve.nowhere"}}
+    inventory = _inventory_file(tmp_path, {"all": {"hosts": {broken: no_queue}}})
     # Only the broker (the credentials play) and the front ends: the workers keep running untouched.
     limit = ",".join(["cl-broker", *FRONTENDS])
     res = _playbook(
