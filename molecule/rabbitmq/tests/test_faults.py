@@ -240,7 +240,7 @@ def partition_node(name, addresses):
         host.check_output(f"printf %s {shlex.quote(rules)} > /run/faulttest.nft && nft -f /run/faulttest.nft")
     try:
         # The cut-off node takes 0.75-1.25 net_ticktime to see it is alone, then pauses.
-        time.sleep(2 * tick + 15)
+        time.sleep(1.25 * tick + 15)
         with host.sudo():
             paused = host.run("rabbitmq-diagnostics --quiet check_running").rc != 0
     finally:
