@@ -120,7 +120,10 @@ def test_clients_fail_over_to_the_next_broker_url(make_stack, rabbitmq):
         c: f"{rabbitmq.url_for(role, port=port)};{rabbitmq.url_for(role)}"
         for c, role in (("web", "web"), ("worker", "worker"))
     }
-    stack = make_stack(workers=1, broker_urls=urls, MODELSERVE_BROKER_CONNECT_TIMEOUT="1")
+    # The dead first URL is a closed port: refused at once, whatever the timeout. The timeout also
+    # bounds how long a request waits for its process's reply queue, which took over 1 s to come up
+    # on a loaded CI machine (a 503 "broker unreachable" there, not a failed failover).
+    stack = make_stack(workers=1, broker_urls=urls, MODELSERVE_BROKER_CONNECT_TIMEOUT="5")
     stack.wait_ready(40)
     for _ in range(5):  # both web processes, whichever node each starts with
         r = requests.post(f"{stack.url}/api/v1/predict", json={"row": ROW}, timeout=15)
