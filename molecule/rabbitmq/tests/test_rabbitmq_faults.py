@@ -196,6 +196,11 @@ def serving(tmp_path_factory, tls_files, addresses):  # noqa: F811 (the imported
     finally:
         devstack.stop_process(web)
         devstack.stop_process(worker, timeout=60)
+        # The app's queues go with it: a later verify's test_rabbitmq.py declares the task queue
+        # its own way (this file sorts after it, so within one verify it runs first anyway).
+        with seed.sudo():
+            for queue in (TASK_QUEUE, f"{TASK_QUEUE}.dead"):
+                seed.run(f"rabbitmqctl --quiet -p {VHOST} delete_queue {queue}")
         for log in ("web.log", "worker.log"):
             print(f"--- {log} (last lines)\n" + "\n".join((base / log).read_text().splitlines()[-15:]))
 
