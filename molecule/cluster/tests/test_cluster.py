@@ -205,7 +205,7 @@ def _load(url, stop, results, rate=10.0, limit=1000):
         time.sleep(max(0.0, 1.0 / rate - (time.monotonic() - started)))
 
 
-def _wait_systemd(name, timeout=120):
+def _wait_systemd(name, timeout=300):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         out = subprocess.run(
@@ -270,7 +270,8 @@ def test_killing_the_front_end_holding_the_vip_under_load(url):
     )
     assert ok and ok[-1][0] > killed_at + 5, f"no success well after the kill: {figures}"
     # Back in the pool: the killed front end's services start again on their own (enabled units).
-    deadline = time.monotonic() + 120
+    # Bounded generously: a container's boot under CI's load can take minutes; passing costs seconds.
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if _host(holder).run("systemctl is-active haproxy keepalived modelserve-web").rc == 0:
             break
