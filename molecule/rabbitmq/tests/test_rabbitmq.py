@@ -427,6 +427,14 @@ def test_partition_handling_and_message_size(host):
     assert size.strip() == "{ok,8388608}"
 
 
+def test_the_running_net_ticktime_is_the_roles(host):
+    # The running tick, not the configured one: rabbitmq.conf's reached the environment and not the
+    # VM (3.10.8); the role sets it as a VM argument (rabbitmq_net_ticktime, default 15).
+    with host.sudo():
+        tick = host.check_output("rabbitmqctl --quiet eval 'net_kernel:get_net_ticktime().'")
+    assert tick.strip() == "15"
+
+
 def test_one_cookie_and_one_password_per_user_for_the_cluster(host):
     # The seed's, taken by the nodes that joined (and a cluster of different cookies could not form).
     assert sha256_of(host, COOKIE_FILE) == sha256_of(broker(BROKERS[0]), COOKIE_FILE)
