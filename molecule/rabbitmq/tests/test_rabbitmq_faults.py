@@ -12,8 +12,9 @@ retry), failed (any other answer, or none), and the longest stretch without a 20
 request failed, that nothing is left in the queue or unacknowledged afterwards, and that predictions
 flowed again within 10 s of a node's loss (stop, kill, restart); a node cut off stays up for its
 clients until it sees it is alone, so there the bound is 1.25 times the node's running
-net_ticktime (Erlang's, 60 s by default) plus those 10 s. A node that does not rejoin by itself
-after the partition heals is restarted, as an operator would, and the figures say so.
+net_ticktime (15 s, the role's rabbitmq_net_ticktime) plus those 10 s. A node that does not
+rejoin by itself after the partition heals is restarted, as an operator would, and the figures
+say so.
 Runs once, in the verify after side_effect.
 """
 
