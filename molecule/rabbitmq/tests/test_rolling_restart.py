@@ -84,10 +84,10 @@ def password():
     with seed.sudo():
         seed.run(f"rabbitmqctl --quiet delete_user {TEST_USER}")
         seed.check_output(f"rabbitmqctl --quiet add_user {TEST_USER} {secret}")
-        allowed = "'^molecule\\.rolling\\..+$'"
-        seed.check_output(
-            f"rabbitmqctl --quiet set_permissions -p {VHOST} {TEST_USER} {allowed} {allowed} {allowed}"
-        )
+        own = "'^molecule\\.rolling\\..+$'"
+        # Publishing through the default exchange needs write on amq.default.
+        write = "'^(amq\\.default|molecule\\.rolling\\..+)$'"
+        seed.check_output(f"rabbitmqctl --quiet set_permissions -p {VHOST} {TEST_USER} {own} {write} {own}")
     yield secret
     with seed.sudo():
         seed.run(f"rabbitmqctl --quiet delete_user {TEST_USER}")
@@ -342,5 +342,7 @@ def test_a_config_change_rolls_one_broker_at_a_time_without_losing_a_message(
     # lost 4 of 22,709 confirmed messages, each within ~30 s after a restarted node came back (not
     # at the drains), with as many duplicates; until that is explained (broker or client), the
     # loss is reported as an expected failure with the figures, never hidden.
+    # The known, unexplained loss is a handful of messages; anything larger is a broken run.
+    assert len(lost) <= len(confirmed_seqs) // 1000 + 5, figures
     if lost:
         pytest.xfail(f"{len(lost)} confirmed messages never consumed ({sorted(lost)[:10]}): {figures}")
