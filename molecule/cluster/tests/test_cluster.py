@@ -201,7 +201,12 @@ def _load(url, stop, results, rate=10.0, limit=1000):
             prob = r.json()["predictions"][0]["probability"] if r.status_code == 200 else None
             results.append((started, time.monotonic(), r.status_code, prob))
         except requests.RequestException as exc:
-            results.append((started, time.monotonic(), type(exc).__name__, None))
+            kind = type(exc).__name__
+            # A handshake cut by the failover is an SSLError (a ConnectionError a client retries); a
+            # certificate the CA does not vouch for is a defect, never counted as retryable.
+            if isinstance(exc, requests.exceptions.SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                kind = "CertificateVerifyFailed"
+            results.append((started, time.monotonic(), kind, None))
         time.sleep(max(0.0, 1.0 / rate - (time.monotonic() - started)))
 
 
@@ -221,7 +226,9 @@ def test_killing_the_front_end_holding_the_vip_under_load(url):
     """Two clients at 10 req/s each; the VIP's holder is killed (SIGKILL, no goodbye) after 5 s.
 
     Every answer that arrives must be a right one (200 and a probability); the failures must be
-    connection errors a client can retry. Failed requests and the gap are reported, not asserted.
+    connection errors a client can retry (refused, reset, a TLS handshake cut short: CI saw 8 of 364
+    requests fail, some as SSLError), never an HTTP error or a certificate the CA does not vouch
+    for. Failed requests and the gap are reported, not asserted.
     Once per scenario, on the final shape (after side_effect): a kill and a restart cost minutes.
     """
     if not _after_side_effect():
@@ -265,9 +272,8 @@ def test_killing_the_front_end_holding_the_vip_under_load(url):
     _wait_systemd(holder)
     assert figures["vip_now_on"] == other, figures
     assert all(0.0 <= r[3] <= 1.0 for r in ok), "a wrong answer"
-    assert all(r[2] in ("ConnectionError", "Timeout", "ReadTimeout", "ConnectTimeout") for r in failed), (
-        figures
-    )
+    retryable = ("ConnectionError", "SSLError", "Timeout", "ReadTimeout", "ConnectTimeout")
+    assert all(r[2] in retryable for r in failed), figures
     assert ok and ok[-1][0] > killed_at + 5, f"no success well after the kill: {figures}"
     # Back in the pool: the killed front end's services start again on their own (enabled units).
     # Bounded generously: a container's boot under CI's load can take minutes; passing costs seconds.

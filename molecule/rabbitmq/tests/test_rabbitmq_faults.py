@@ -120,9 +120,8 @@ class Load:
         }
 
 
-def drained(timeout=None):
+def drained(timeout=DRAIN_TIMEOUT):
     """The app's queues once the task queue holds nothing, ready or unacknowledged (or at the timeout)."""
-    timeout = DRAIN_TIMEOUT if timeout is None else timeout
     start = time.monotonic()
     while True:
         columns = ("name", "messages", "messages_unacknowledged", "type")  # messages: ready + unacked
@@ -136,10 +135,6 @@ def drained(timeout=None):
 
 def ctl_json(name, *args):
     return rabbitmqctl_json(broker(name), *args)
-
-
-def running():
-    return [name for name in BROKERS if broker(name).service("rabbitmq-server").is_running]
 
 
 def wait_whole(timeout=WHOLE_TIMEOUT):
@@ -297,8 +292,8 @@ def test_faults_under_steady_load_fail_no_request_and_leave_nothing_unacknowledg
     with Load(serving) as load:
         time.sleep(10)  # a steady state first
         faults = [
-            ("stop the clients' node", lambda n: stop_node(n)),
-            ("kill -9 the clients' node", lambda n: kill_node(n)),
+            ("stop the clients' node", stop_node),
+            ("kill -9 the clients' node", kill_node),
             ("cut the clients' node off by its firewall", lambda n: partition_node(n, addresses)),
             ("restart every node, one after another", lambda n: rolling_restart()),
         ]
