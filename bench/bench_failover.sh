@@ -6,7 +6,8 @@
 # It brings up the `rabbitmq` Molecule scenario (three brokers, TLS, the real roles), runs the app's
 # web and a Celery worker on this machine against it, and runs the faults of
 # molecule/rabbitmq/tests/test_rabbitmq_faults.py once: the clients' node stopped for 20 s, another
-# node's Erlang VM killed, the clients' node cut off by its firewall, every node restarted in turn.
+# node's Erlang VM killed, the clients' node cut off by its firewall; then the rolling restart of
+# test_rolling_restart.py (the broker play, one node at a time, each drained first).
 #   bench/bench_failover.sh           converge, faults, destroy (about 15 minutes on 2 cores)
 #   bench/bench_failover.sh --keep    leave the brokers up (a second run skips the converge)
 set -euo pipefail
@@ -18,10 +19,10 @@ report=$(mktemp --suffix=.jsonl)
 log=$(mktemp)
 
 molecule converge -s rabbitmq >"$log" 2>&1 || { cat "$log"; exit 1; }
-# Only the fault test (by its name: -k also matches directory names), now (it otherwise waits for
-# the scenario's side_effect), its prints shown.
+# Only the fault and rolling-restart tests (by their names: -k also matches directory names), now
+# (they otherwise wait for the scenario's side_effect), their prints shown.
 rc=0
-MODELSERVE_FAULTS_NOW=1 MODELSERVE_FAILOVER_REPORT="$report" PYTEST_ADDOPTS="-k test_faults_under_steady_load -s" \
+MODELSERVE_FAULTS_NOW=1 MODELSERVE_FAILOVER_REPORT="$report" PYTEST_ADDOPTS="-k 'test_faults_under_steady_load or test_a_config_change_rolls' -s" \
   molecule verify -s rabbitmq >>"$log" 2>&1 || rc=$?
 $keep || molecule destroy -s rabbitmq >/dev/null 2>&1 || true
 

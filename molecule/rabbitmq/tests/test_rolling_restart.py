@@ -1,12 +1,16 @@
-"""A configuration change rolls through the broker cluster under a steady AMQP load.
+"""A configuration change rolls through the broker cluster under steady load (issue 14, items 5, 6).
 
 The real broker play (playbooks/broker.yml: serial 1) runs against the scenario's three brokers
-with one harmless rabbitmq.conf setting changed, so the restart handler fires on every node, while a
-publisher (publisher confirms) and a consumer (manual acks) on a quorum queue fail over among the
-three addresses over TLS, as the Celery clients do. The tests assert that the nodes went out one
-at a time (systemd's stop/start windows do not overlap; at every sample two nodes at least took
-AMQP clients) and that every confirmed message was consumed, and print the figures. A version
-change without rabbitmq_upgrade=true is refused before anything changes.
+with one harmless rabbitmq.conf setting changed, so the restart handler fires on every node. Two
+loads run through it: the app's own (test_rabbitmq_faults.py's web and Celery worker, a steady
+20 predictions/s), and a publisher (publisher confirms) and a consumer (manual acks) on a quorum
+queue of its own that fail over among the three addresses over TLS, as the Celery clients do and
+with every message accounted for. The tests assert that the nodes went out one at a time
+(systemd's stop/start windows do not overlap; at every sample two nodes at least took AMQP
+clients), that no prediction failed and predictions never stopped for 10 s, and that every
+confirmed message was consumed; they print the figures. This is the issue's "restart the whole
+broker tier one by one" fault, done as an operator does it. A version change without
+rabbitmq_upgrade=true is refused before anything changes. Runs once, in the verify after side_effect.
 """
 
 import collections
@@ -19,7 +23,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -29,6 +32,13 @@ import amqp
 import pytest
 import test_rabbitmq as base
 from test_rabbitmq import AMQP_PORT, BROKERS, VHOST, address_of, broker, tls_options
+from test_rabbitmq_faults import (
+    REPORT,
+    TARGET_GAP,
+    Load,
+    after_side_effect,
+    serving,  # noqa: F401 (the app's web and worker on the controller: a fixture)
+)
 
 # The scenario's fixture: the cluster CA and the tests' client certificate, copied from the seed.
 tls_files = base.tls_files
@@ -38,7 +48,10 @@ PLAYBOOK = PROJECT / "playbooks" / "broker.yml"
 RATE = 40  # messages per second the publisher aims at
 MAX_MESSAGES = 40 * 900  # bounds: the publisher stops at this count or after MAX_SECONDS
 MAX_SECONDS = 900
-DRAIN_SECONDS = 120  # after the run: time the consumer gets to take what was confirmed
+DRAIN_SECONDS = 30  # after the run: time the consumer gets to take what was confirmed
+
+# Once, after side_effect, with the fault test: each run of the play restarts every broker.
+pytestmark = pytest.mark.skipif(not after_side_effect(), reason="runs once, in the verify after side_effect")
 
 
 def ansible_playbook(*args):
@@ -95,7 +108,8 @@ def password():
 
 @pytest.fixture(scope="module")
 def addresses():
-    return [address_of(broker(name)) for name in BROKERS]
+    """Each broker's address (test_rabbitmq_faults.py's serving fixture takes the same)."""
+    return {name: address_of(broker(name)) for name in BROKERS}
 
 
 class Client:
@@ -229,6 +243,7 @@ def test_a_config_change_rolls_one_broker_at_a_time_without_losing_a_message(
     tls_files,
     password,
     addresses,
+    serving,  # noqa: F811 (the imported fixture)
     capsys,
 ):
     # A value no node has yet: the handler fires on all three, even on a second verify.
@@ -243,6 +258,7 @@ def test_a_config_change_rolls_one_broker_at_a_time_without_losing_a_message(
     assert {name: unit_state(name) for name in BROKERS} == units_before
     assert {name: handshake_timeout(name) for name in BROKERS} == previous
 
+    addresses = list(addresses.values())
     queue = f"molecule.rolling.{uuid.uuid4().hex[:8]}"
     setup = Client(addresses, password, tls_files, 0)
     quorum = {"x-queue-type": "quorum"}
@@ -262,11 +278,13 @@ def test_a_config_change_rolls_one_broker_at_a_time_without_losing_a_message(
     for thread in threads:
         thread.start()
     try:
-        time.sleep(3)  # the load flows before the first node goes
-        run_start = time.monotonic()
-        run = ansible_playbook("-e", change)
-        run_end = time.monotonic()
-        time.sleep(3)
+        with Load(serving) as load:
+            time.sleep(5)  # both loads flow before the first node goes
+            run_start = time.monotonic()
+            run = ansible_playbook("-e", change)
+            run_end = time.monotonic()
+            time.sleep(10)  # predictions flowing again after the last node, counted in the window
+            app = load.window(run_start, time.monotonic())
     finally:
         stop_publishing.set()
         threads[0].join(timeout=30)
@@ -318,13 +336,12 @@ def test_a_config_change_rolls_one_broker_at_a_time_without_losing_a_message(
         "samples": len(samples),
         "client_errors": dict(publisher_client.errors + consumer_client.errors),
     }
-    report = os.environ.get("MODELSERVE_FAILOVER_REPORT") or os.path.join(
-        tempfile.gettempdir(), "modelserve-failover-rabbitmq.jsonl"
-    )
-    with open(report, "a") as f:
-        f.write(json.dumps({"fault": "rolling broker restart", **figures}) + "\n")
+    # The app's figures as a row of the fault table (bench/bench_failover.sh), the AMQP ones beside.
+    row = {"fault": "rolling restart (broker play)", **app, "s_until_whole": figures["rolling_run_s"]}
+    with open(REPORT, "a") as f:
+        f.write(json.dumps({**row, "amqp": figures}) + "\n")
     with capsys.disabled():  # the figures in the scenario's output, not only on a failure
-        print("\nROLLING RESTART", json.dumps(figures))
+        print("\nROLLING RESTART", json.dumps({"app": app, "amqp": figures}))
 
     # Every node restarted during the run, with the new setting, and the windows do not overlap.
     for name in BROKERS:
@@ -336,6 +353,9 @@ def test_a_config_change_rolls_one_broker_at_a_time_without_losing_a_message(
     # The sampler saw each node stop serving, and never two at once.
     assert down_seen == set(addresses), f"the sampler missed a node's restart: {down_seen}"
     assert fewest_up >= 2, figures
+    # The app: no prediction failed (200 or a retryable 503), and none stopped for TARGET_GAP.
+    assert app["sent"] > 100 and not app["failed"], app
+    assert app["gap_s"] < TARGET_GAP, f"predictions stopped for {app['gap_s']} s: {app}"
     # Nothing left behind (ready or unacknowledged), and the load did flow.
     assert stats["confirmed"] and left == 0, figures
     # Zero lost: every confirmed message consumed at least once. The first run (RabbitMQ 3.10.8)
