@@ -3,8 +3,9 @@
 
 Starts its own private RabbitMQ node, Celery workers and gunicorn (all on 127.0.0.1), drives them
 with wrk, prints a side-by-side table, and stops everything it started. The optimised stack runs
-once per task queue type (default: the quorum queue, then the classic queue of before), on the same
-node, and the quorum / classic ratios are printed. Bounded: < 6 minutes.
+once per task queue type (default: the quorum queue and the classic queue of before), all on the
+same node and up at once, driven in alternating rounds, and the quorum / classic ratios are
+printed. Bounded: < 6 minutes.
 
     .venv/bin/python bench/bench_app.py [--duration 10] [--concurrency 32] [--batch-rows 500]
                                         [--queue-types quorum,classic] [--ab-rounds 2]
@@ -388,7 +389,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=32, help="wrk connections for single rows")
     parser.add_argument("--batch-rows", type=int, default=500, help="rows per request in the batched run")
     parser.add_argument("--batch-concurrency", type=int, default=8)
-    parser.add_argument("--ab-rounds", type=int, default=2, help="alternating JSON / OIP binary batch rounds")
+    parser.add_argument(
+        "--ab-rounds", type=int, default=2, help="alternating rounds over the stacks (single rows, batches)"
+    )
     parser.add_argument("--workers", type=int, default=1, help="Celery worker processes (optimised)")
     parser.add_argument("--web-workers", type=int, default=2, help="gunicorn worker processes")
     parser.add_argument(
@@ -444,6 +447,10 @@ def main() -> int:
         if args.front_door:
             front_door_results = front_door(args, base, rabbit, model_dir, common, procs)
             args.drift_only, args.drift_rounds, args.skip_naive = True, 0, True  # nothing else
+        # Every stack of --queue-types up at once on the one broker, then driven in alternating
+        # rounds (forward, then reversed): none is measured first on a cold machine (measured one
+        # after another, the first stack lost 10-20%), and load from elsewhere weighs on all alike.
+        stacks: dict[str, tuple] = {}
         for queue_type in [] if args.drift_only else queue_types:
             tls = queue_type.endswith("+tls")
             url, web, workers = start_stack(
@@ -460,35 +467,38 @@ def main() -> int:
             procs += [web, *workers]
             requests.post(url + "/api/v1/predict", json={"row": ROW}, timeout=10).raise_for_status()
             run_wrk(url + "/api/v1/predict", single, args.concurrency, 2)  # warm-up
-            print(f"{queue_type}: single rows, {args.concurrency} clients, {args.duration}s ...", flush=True)
-            results[f"{queue_type} single-row"] = run_wrk(
-                url + "/api/v1/predict", single, args.concurrency, args.duration
-            )
-            # /api/v1 JSON batches, and the same rows through the Open Inference Protocol, binary in
-            # and out (no JSON numbers), in alternating rounds: load from elsewhere on the machine
-            # then weighs on both alike.
-            runs: dict[str, list[dict]] = {
-                f"{queue_type} batch x{args.batch_rows}": [],
-                f"{queue_type} OIP binary x{args.batch_rows}": [],
-            }
-            targets = list(
-                zip(
-                    runs,
-                    [(url + "/api/v1/predict", batch), (url + "/v2/models/pima-diabetes/infer", oip)],
-                    strict=True,
-                )
-            )
-            pids = {"web": [web.pid], "worker": [p.pid for p in workers], "broker": [rabbit.proc.pid]}
-            for i in range(args.ab_rounds):
-                for name, (target, script) in targets:
-                    print(f"{name}, {args.batch_concurrency} clients, round {i + 1} ...", flush=True)
+            stacks[queue_type] = (url, web, workers)
+        runs: dict[str, list[dict]] = {}
+        for i in range(args.ab_rounds):
+            for queue_type, (url, web, workers) in stacks.items() if i % 2 == 0 else reversed(stacks.items()):
+                pids = {"web": [web.pid], "worker": [p.pid for p in workers], "broker": [rabbit.proc.pid]}
+                # Single rows, then /api/v1 JSON batches and the same rows through the Open Inference
+                # Protocol, binary in and out (no JSON numbers).
+                targets = [
+                    (f"{queue_type} single-row", url + "/api/v1/predict", single, args.concurrency),
+                    (
+                        f"{queue_type} batch x{args.batch_rows}",
+                        url + "/api/v1/predict",
+                        batch,
+                        args.batch_concurrency,
+                    ),
+                    (
+                        f"{queue_type} OIP binary x{args.batch_rows}",
+                        url + "/v2/models/pima-diabetes/infer",
+                        oip,
+                        args.batch_concurrency,
+                    ),
+                ]
+                for name, target, script, clients in targets:
+                    print(f"{name}, {clients} clients, {args.duration}s, round {i + 1} ...", flush=True)
                     before = cpu_seconds(pids)
-                    r = run_wrk(target, script, args.batch_concurrency, args.duration)
+                    r = run_wrk(target, script, clients, args.duration)
                     after = cpu_seconds(pids)
                     r["cpu"] = {k: after[k] - before[k] for k in after}
-                    runs[name].append(r)
-            for name, rounds in runs.items():
-                results[name] = merge_runs(rounds, args.batch_rows)
+                    runs.setdefault(name, []).append(r)
+        for name, rounds in runs.items():
+            results[name] = merge_runs(rounds, 1 if name.endswith("single-row") else args.batch_rows)
+        for url, web, workers in stacks.values():
             metrics += requests.get(url + "/metrics", timeout=5).text
             for proc in (web, *workers):
                 devstack.stop_process(proc, timeout=3, sig=signal.SIGINT if proc is web else signal.SIGQUIT)
@@ -601,7 +611,8 @@ def main() -> int:
         print(
             f"{name} / {base_name} (same run): single-row req/s {q['rps'] / c['rps']:.1%}, "
             f"p99 {q['p99']:.1f} vs {c['p99']:.1f} ms; batched pred/s "
-            f"{qb['predictions_per_s'] / max(1e-9, cb['predictions_per_s']):.1%}"
+            f"{qb['predictions_per_s'] / max(1e-9, cb['predictions_per_s']):.1%}; single-row per round: "
+            + ", ".join(f"{a / b:.1%}" for a, b in zip(q["rounds_rps"], c["rounds_rps"], strict=True) if b)
         )
     for queue_type in [] if args.drift_only else queue_types:
         json_name = f"{queue_type} batch x{args.batch_rows}"

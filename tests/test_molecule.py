@@ -58,13 +58,23 @@ def test_scripts_test_all_runs_every_scenario_and_stage():
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_every_scenario_proves_idempotence(scenario):
     # Either Molecule's idempotence step (the base sequence has it), or a verify test that re-runs
-    # site.yml on the scenario's hosts and requires changed=0 on every host.
+    # site.yml on the scenario's hosts and requires changed=0 on every host, or (molecule/cluster)
+    # a side_effect that re-runs site.yml on every host under Ansible's junit callback with changed
+    # tasks as failures, and a verify test that reads that report.
     base = yaml.safe_load((ROOT / ".config" / "molecule" / "config.yml").read_text())
     config = yaml.safe_load((ROOT / "molecule" / scenario / "molecule.yml").read_text())
     sequence = (config.get("scenario") or {}).get("test_sequence") or base["scenario"]["test_sequence"]
     if "idempotence" in sequence:
         return
     tests = "\n".join(p.read_text() for p in (ROOT / "molecule" / scenario / "tests").glob("test_*.py"))
+    env = (config.get("provisioner") or {}).get("env") or {}
+    if env.get("JUNIT_FAIL_ON_CHANGE") == "true" and "side_effect" in sequence:
+        side_effect = (ROOT / "molecule" / scenario / "side_effect.yml").read_text()
+        assert "site.yml" in side_effect, f"molecule/{scenario}: side_effect does not re-run site.yml"
+        assert 'junit")' in tests and 'glob("side_effect-*.xml")' in tests, (
+            f"molecule/{scenario}: no verify test reads side_effect's junit report"
+        )
+        return
     assert re.search(r'"site\.yml"\)?\]?,?[^\n]*\n(?:.*\n){0,12}.*" changed=0 " in line', tests), (
         f"molecule/{scenario}: no idempotence step and no verify test re-running site.yml for changed=0"
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import time
 
 import ms_devstack as devstack
 import numpy as np
@@ -189,7 +190,14 @@ def test_worker_gauges_cover_every_pool_process_and_both_protocols(make_stack, s
 
     # The same figures reach the front end in the worker's status (what the page shows).
     def model() -> dict:
-        return requests.get(f"{stack.url}/api/v1/model", timeout=10).json()
+        # A 503 (no worker status held) while a busy worker's status is late: its TTL is 4 s here.
+        for _ in range(20):
+            r = requests.get(f"{stack.url}/api/v1/model", timeout=10)
+            if r.status_code != 503:
+                break
+            time.sleep(0.5)
+        assert r.status_code == 200, r.text
+        return r.json()
 
     wait_for(lambda: model()["drift"].get("rows") == len(rows), 15, "the worker's status to carry the window")
     body = model()

@@ -12,6 +12,8 @@ import subprocess
 import tempfile
 import threading
 import time
+from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 import requests
@@ -190,6 +192,34 @@ def test_spare_host_joined_after_side_effect():
     assert "amqps://modelserve-worker:" in env and not spare.file("/etc/modelserve/broker-web.env").exists
     broker_ip = _host("cl-broker").interface("eth0").addresses[0]
     assert "amqps://" in env and (f"@{broker_ip}:5671/" in env or "@cl-broker:5671/" in env)
+
+
+# Growing the cluster re-runs site.yml on every host (side_effect); on the hosts that were there
+# it may change only what lists the cluster's hosts. That run is also this scenario's idempotence
+# proof for those hosts (no separate idempotence step): Ansible's junit callback (molecule.yml)
+# records each changed task as a failed test case, "[host] play: task".
+HOST_LISTS = (
+    "monitoring : configure | Write each scrape job's targets from the inventory groups",
+    "git_deploy : repository | Hook configuration",  # the hosts a release fans out to
+    "git_deploy : repository | Trust the other hosts' real host keys",
+)
+
+
+def test_growing_the_cluster_changes_only_the_new_host_and_the_lists_of_hosts():
+    if not _after_side_effect():
+        pytest.skip("before side_effect: the cluster has not grown yet")
+    reports = sorted(Path(EPHEMERAL, "junit").glob("side_effect-*.xml"), key=lambda p: p.stat().st_mtime)
+    assert reports, f"no junit report of side_effect in {EPHEMERAL}/junit"
+    changed = {}
+    for case in ElementTree.parse(reports[-1]).iter("testcase"):
+        if case.find("failure") is not None or case.find("error") is not None:
+            host, task = case.get("name").removeprefix("[").split("] ", 1)
+            changed.setdefault(host, []).append(task)
+    print(json.dumps(changed, indent=1))
+    assert changed.get("cl-spare"), "side_effect changed nothing on the new host"
+    had = {host: tasks for host, tasks in changed.items() if host != "cl-spare"}
+    unexpected = {host: [t for t in tasks if not t.endswith(HOST_LISTS)] for host, tasks in had.items()}
+    assert not any(unexpected.values()), f"growing the cluster changed more on the hosts it had: {unexpected}"
 
 
 def _load(url, stop, results, rate=10.0, limit=1000):
