@@ -97,6 +97,12 @@ def cpu_seconds(pids: dict[str, list[int]]) -> dict[str, float]:
     return out
 
 
+def in_turn(stacks: dict, round_index: int) -> list:
+    """The stacks' items in round ``round_index``: forward, then reversed, so none is always first."""
+    items = list(stacks.items())
+    return items if round_index % 2 == 0 else items[::-1]
+
+
 def merge_runs(rounds: list[dict], rows: int) -> dict:
     """Rounds of one kind: mean req/s, median p50, worst p99, summed counts."""
     p50s = sorted(r["p50"] for r in rounds)
@@ -470,7 +476,7 @@ def main() -> int:
             stacks[queue_type] = (url, web, workers)
         runs: dict[str, list[dict]] = {}
         for i in range(args.ab_rounds):
-            for queue_type, (url, web, workers) in stacks.items() if i % 2 == 0 else reversed(stacks.items()):
+            for queue_type, (url, web, workers) in in_turn(stacks, i):
                 pids = {"web": [web.pid], "worker": [p.pid for p in workers], "broker": [rabbit.proc.pid]}
                 # Single rows, then /api/v1 JSON batches and the same rows through the Open Inference
                 # Protocol, binary in and out (no JSON numbers).
@@ -518,7 +524,7 @@ def main() -> int:
                 stacks[mode] = (url, web, workers)
             drift_runs: dict[str, list[dict]] = {f"single-row, {mode}": [] for mode in stacks}
             for i in range(args.drift_rounds):
-                for mode, (url, web, workers) in stacks.items() if i % 2 == 0 else reversed(stacks.items()):
+                for mode, (url, web, workers) in in_turn(stacks, i):
                     print(f"single rows, {mode}, round {i + 1} ...", flush=True)
                     pids = {"web": [web.pid], "worker": [p.pid for p in workers]}
                     before = cpu_seconds(pids)

@@ -8,7 +8,7 @@
 # molecule/rabbitmq/tests/test_rabbitmq_faults.py once: the clients' node stopped for 20 s, another
 # node's Erlang VM killed, the clients' node cut off by its firewall; then the rolling restart of
 # test_rolling_restart.py (the broker play, one node at a time, each drained first).
-#   bench/bench_failover.sh           converge, faults, destroy (about 15 minutes on 2 cores)
+#   bench/bench_failover.sh           converge, faults, rolling restart, destroy (about 20 minutes on 2 cores)
 #   bench/bench_failover.sh --keep    leave the brokers up (a second run skips the converge)
 set -euo pipefail
 cd "$(dirname "$0")/.."
