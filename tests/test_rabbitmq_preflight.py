@@ -59,6 +59,9 @@ def test_an_even_number_of_nodes_is_refused_with_the_reason(tmp_path, ansible_bi
         ({"rabbitmq_task_queue": "modelserve.reply.x"}, "outside the web's own modelserve.reply.*"),
         ({"rabbitmq_web_password": "short"}, "at least 16 characters on one line"),
         ({"rabbitmq_app_password": "x" * 20}, "rabbitmq_app_user and rabbitmq_app_password are gone"),
+        # A partition detector slower than the tick (or one lost probe away from a disconnect).
+        ({"rabbitmq_partition_detector_probes": 12}, "must stay below 0.75 x rabbitmq_net_ticktime"),
+        ({"rabbitmq_partition_detector_probes": 1}, "at least 2"),
     ],
 )
 def test_bad_cluster_settings_are_refused(tmp_path, ansible_bin, ansible_env, extra, message):
