@@ -29,11 +29,14 @@ $keep || molecule destroy -s rabbitmq >/dev/null 2>&1 || true
 python3 - "$report" <<'PY'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
-print(f"{'fault':<44} {'sent':>6} {'200':>6} {'503':>5} {'failed':>6} {'gap s':>7} {'whole s':>8}")
+# detect s: for the partition, when the last node's partition detector disconnected the other side.
+print(f"{'fault':<44} {'sent':>6} {'200':>6} {'503':>5} {'failed':>6} {'gap s':>7} {'detect s':>8} {'whole s':>8}")
 for r in rows:
     failed = sum(r["failed"].values())
+    seen = list(r.get("disconnected_after_s", {}).values())
+    detect = "-" if not seen else "never" if None in seen else max(seen)
     print(f"{r['fault']:<44} {r['sent']:>6} {r['ok']:>6} {r['retryable_503']:>5} {failed:>6}"
-          f" {r['gap_s']:>7} {r['s_until_whole']:>8}")
+          f" {r['gap_s']:>7} {detect:>8} {r['s_until_whole']:>8}")
 PY
 echo "log: $log"
 exit $rc

@@ -427,6 +427,17 @@ def test_partition_handling_and_message_size(host):
     assert size.strip() == "{ok,8388608}"
 
 
+def test_the_partition_detector_runs_and_probes_the_other_two(host):
+    detector = host.service("rabbitmq-partition-detector")
+    assert detector.is_running and detector.is_enabled
+    with host.sudo():
+        journal = host.check_output("journalctl -u rabbitmq-partition-detector -b --no-pager -q -o cat")
+    # The last membership it read from the node: the other two (a cluster of one, before they joined).
+    peers = [line for line in journal.splitlines() if line.startswith("peers: ")]
+    name = host.check_output("hostname -s")
+    assert peers and peers[-1] == "peers: " + ", ".join(f"rabbit@{b}" for b in BROKERS if b != name), journal
+
+
 def test_the_running_net_ticktime_is_the_roles(host):
     # The running tick, not the configured one: rabbitmq.conf's reached the environment and not the
     # VM (3.10.8); the role sets it as a VM argument (rabbitmq_net_ticktime, default 15).
