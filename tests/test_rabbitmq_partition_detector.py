@@ -32,7 +32,7 @@ detector = load_script()
 B2, B3 = "rabbit@b-2", "rabbit@b-3"
 
 
-def test_a_peer_silent_for_the_window_is_disconnected_then_reported_again_while_silent():
+def test_a_peer_silent_for_the_window_is_disconnected_once_while_it_stays_silent():
     d = detector.Detector(window=3, again=30)
     d.probed(B2, True, 0)
     d.probed(B3, True, 0)
@@ -42,11 +42,24 @@ def test_a_peer_silent_for_the_window_is_disconnected_then_reported_again_while_
     assert d.check([B2, B3], now=3.9) == ([], [])
     assert d.check([B2, B3], now=4) == ([B3], [])
     assert d.check([B2, B3], now=5) == ([], [])
-    assert d.check([B2, B3], now=33.9) == ([], [])
-    assert d.check([B2, B3], now=34) == ([B3], [])  # still silent: asked again
-    d.probed(B3, True, 35)
-    assert d.check([B2, B3], now=36) == ([], [B3])  # and said when it answers again
-    assert d.check([B2, B3], now=37) == ([], [])
+    # Still silent much later: not disconnected again (by then it may be the heal's reconnection).
+    d.probed(B3, False, 40)
+    assert d.check([B2, B3], now=60) == ([], [])
+    d.probed(B3, True, 61)
+    assert d.check([B2, B3], now=62) == ([], [B3])  # said when it answers again
+    assert d.check([B2, B3], now=63) == ([], [])
+    d.probed(B3, False, 64)  # silent again later: a new partition, disconnected again
+    assert d.check([B2, B3], now=67) == ([B3], [])
+
+
+def test_a_disconnect_that_failed_is_tried_again_later():
+    d = detector.Detector(window=3, again=30)
+    d.probed(B2, False, 0)
+    assert d.check([B2], now=3) == ([B2], [])
+    d.disconnect_failed([B2], now=4)  # rabbitmqctl failed or timed out
+    assert d.check([B2], now=33.9) == ([], [])
+    assert d.check([B2], now=34) == ([B2], [])
+    assert d.check([B2], now=35) == ([], [])  # and once more only if that one failed too
 
 
 def test_a_refused_connect_is_an_answer_so_a_restarting_node_is_left_to_erlang(free_port):
@@ -78,7 +91,7 @@ def test_both_peers_silent_are_disconnected_together_and_a_departed_peer_is_forg
     d.probed(B3, False, 0)
     assert d.check([B2, B3], now=2) == ([B2, B3], [])
     assert d.check([B2], now=3) == ([], [])  # B3 left the cluster
-    assert B3 not in d.silent_since and B3 not in d.reported
+    assert B3 not in d.silent_since and B3 not in d.reported and B3 not in d.failed
 
 
 def test_members_are_read_from_the_nodes_cluster_file(tmp_path):
