@@ -146,6 +146,33 @@ def test_idle_connections_keep_their_heartbeats(make_stack, rabbitmq):
     assert "broker failed" not in stack.logs() and "lost the broker" not in stack.logs()
 
 
+def test_a_publishing_channel_that_stops_confirming_is_given_up(make_stack, rabbitmq):
+    """A channel that takes publishes but confirms none is given up after the confirm timeout: its
+    requests are answered 503 saying so (not after the whole task timeout), and the web publishes
+    through a new connection once the broker confirms again. Seen in a partition: a channel opened
+    while the task queue's leader was on the cut-off node sent every publish there until the
+    partition healed. Here the broker's memory alarm stalls publishing the same way (a blocked
+    connection is not read)."""
+    stack = make_stack(workers=1, MODELSERVE_BROKER_CONFIRM_TIMEOUT="1", MODELSERVE_TASK_TIMEOUT="20")
+    stack.wait_ready(40)
+    url = f"{stack.url}/api/v1/predict"
+    assert requests.post(url, json={"row": ROW}, timeout=30).status_code == 200
+    rabbitmq.ctl("set_vm_memory_high_watermark", "0.000001")  # an alarm at once: publishers blocked
+    try:
+        r = requests.post(url, json={"row": ROW}, timeout=30)
+        assert r.status_code == 503, (r.text, stack.logs())
+        # The web's log says why (the client is told the broker is unreachable, to retry): not
+        # "no worker answered within 20 s".
+        assert "503 (broker): the broker did not confirm the task" in stack.logs(), r.text
+    finally:
+        rabbitmq.ctl("set_vm_memory_high_watermark", "0.3")  # the devstack's setting
+    deadline, codes = time.monotonic() + 30, []
+    while time.monotonic() < deadline and codes[-1:] != [200]:
+        codes.append(requests.post(url, json={"row": ROW}, timeout=30).status_code)
+    assert codes[-1:] == [200], (codes, stack.logs())
+    assert "no publisher confirm for" in stack.logs()
+
+
 def test_an_unused_classic_queue_of_the_same_name_is_replaced(make_stack, rabbitmq):
     """Upgrading: the classic queue of before is deleted once unused, and declared as a quorum queue."""
     name = f"modelserve.test.{secrets.token_hex(4)}"

@@ -38,7 +38,7 @@ import socket
 import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any
 
 from kombu import Connection, Consumer, Producer, Queue
@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 FINAL_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
 CONSUMERS_EVERY = 1.0  # seconds between passive declares of the prediction queue
 MAX_FLEET = 1000  # worker statuses kept at most (anyone on the vhost can publish one)
+CONFIRM_CHECKS = 0.1  # seconds between reads of the publisher confirms (at most)
+CONFIRM_FRAMES = 1000  # frames read from the publishing connection at most per check
 
 
 class ServiceUnavailable(Exception):
@@ -170,6 +172,11 @@ class TaskClient:
             self._last_failure = 0.0
             self._last_error = ""
             self._publish_reason = ""  # why the last publisher connection was refused, when not the broker
+            # Publisher confirms of the current publishing channel, read by the batcher thread:
+            # delivery tag -> (monotonic time published, task id), oldest first.
+            self._unconfirmed: OrderedDict[int, tuple[float, str]] = OrderedDict()
+            self._published = 0  # delivery tags count the channel's publishes from 1
+            self._refused: list[str] = []  # task ids the broker nacked, answered 503 by the batcher
             self._stop = threading.Event()
             self._consumers: tuple[float, int] | None = None  # (monotonic time, count)
             self._consumers_seen = threading.Event()
@@ -245,13 +252,21 @@ class TaskClient:
 
     def _batch_loop(self) -> None:
         carry: deque[_Call] = deque()
-        last_keepalive = time.monotonic()
+        last_keepalive = last_confirms = time.monotonic()
+        # Confirms are read this often while publishes await them (a read costs a short wait).
+        confirm_checks = min(CONFIRM_CHECKS, self.settings.broker_confirm_timeout / 10)
         while not self._stop.is_set():
+            if self._unconfirmed and time.monotonic() - last_confirms >= confirm_checks:
+                self._check_confirms()
+                last_confirms = time.monotonic()
             if self.keepalive_interval and time.monotonic() - last_keepalive >= self.keepalive_interval:
                 self._publisher_keepalive()
                 last_keepalive = time.monotonic()
+            wait = self.keepalive_interval
+            if self._unconfirmed:
+                wait = min(wait or confirm_checks, confirm_checks)
             try:
-                first = carry.popleft() if carry else self._queue.get(timeout=self.keepalive_interval)
+                first = carry.popleft() if carry else self._queue.get(timeout=wait)
             except queue.Empty:
                 continue
             if first is None:
@@ -260,10 +275,23 @@ class TaskClient:
                 self._send(first.task, first.args or [], [first], slot=False)
                 continue
             # Nagle-style: while all in-flight slots are busy, more requests queue up behind us.
-            slot = self._slots.acquire(timeout=self.settings.task_timeout)
+            slot = self._acquire_slot(confirm_checks)
             batch, rows = self._gather_batch(first, carry)
             packed = pack_batch([call.rows or [] for call in batch])
             self._send(TASK_PREDICT, [packed], batch, slot=slot, rows=rows)
+
+    def _acquire_slot(self, confirm_checks: float) -> bool:
+        """An in-flight slot, waiting at most the task timeout; meanwhile the confirms are read (a
+        stalled channel holds its slots until it is given up)."""
+        deadline = time.monotonic() + self.settings.task_timeout
+        while True:
+            left = deadline - time.monotonic()
+            if self._slots.acquire(timeout=max(0.0, min(left, confirm_checks))):
+                return True
+            if left <= 0:
+                return False
+            if self._unconfirmed:
+                self._check_confirms()
 
     def _gather_batch(self, first: _Call, carry: deque[_Call]) -> tuple[list[_Call], int]:
         """Where a prediction batch is formed: ``first`` and the predict calls queued behind it.
@@ -306,6 +334,15 @@ class TaskClient:
             # Passive: the workers declare the exchange and the queue (a task published to a missing
             # exchange would be lost with the channel).
             task_exchange(self.settings.task_queue)(channel).declare(passive=True)
+            # Publisher confirms, read without waiting for them (the batcher drains them): a channel
+            # that stops confirming is given up for the next node. Seen in a partition: a channel
+            # opened while the task queue's leader was on the cut-off node sent every publish there
+            # (refused after each failed connection attempt) until the partition healed.
+            channel.confirm_select()
+            channel.events["basic_ack"].add(self._on_confirmed)
+            channel.events["basic_nack"].add(self._on_refused)
+            self._unconfirmed.clear()
+            self._published = 0
             self._producer = task_producer(channel, self.settings.task_queue)
         except Exception as exc:
             self._publisher_failed(conn, exc)
@@ -331,16 +368,68 @@ class TaskClient:
         except Exception as exc:
             self._publisher_failed(self._pub, exc)
 
-    def _publisher_failed(self, conn: Connection | None, exc: Exception) -> None:
+    def _on_confirmed(self, delivery_tag: int, multiple: bool) -> None:
+        self._settle(delivery_tag, multiple)
+
+    def _on_refused(self, delivery_tag: int, multiple: bool) -> None:
+        self._refused.extend(self._settle(delivery_tag, multiple))
+
+    def _settle(self, delivery_tag: int, multiple: bool) -> list[str]:
+        """Forgets the confirmed publishes (up to the tag when multiple); returns their task ids."""
+        if not multiple:
+            entry = self._unconfirmed.pop(delivery_tag, None)
+            return [entry[1]] if entry else []
+        settled = []
+        while self._unconfirmed and next(iter(self._unconfirmed)) <= delivery_tag:
+            settled.append(self._unconfirmed.popitem(last=False)[1][1])
+        return settled
+
+    def _check_confirms(self) -> None:
+        """Reads the broker's confirms; answers refused tasks 503 at once, and gives the publishing
+        connection up when its oldest publish is unconfirmed past the confirm timeout."""
+        pub = self._pub
+        if pub is None:
+            return
+        try:
+            for _ in range(CONFIRM_FRAMES):  # bounded: a busy broker must not starve the batcher
+                pub.drain_events(timeout=0.001)
+        except TimeoutError:
+            pass  # nothing more to read now
+        except Exception as exc:
+            self._publisher_failed(pub, exc)
+            return
+        refused, self._refused = self._refused, []
+        for task_id in refused:
+            self._finish(task_id, ServiceUnavailable("the broker refused the task (nack)", "broker"))
+        if self._unconfirmed:
+            published, _ = next(iter(self._unconfirmed.values()))
+            waited = time.monotonic() - published
+            if waited > self.settings.broker_confirm_timeout:
+                # Answered 503 now (a worker's late answer is ignored): they hold the in-flight
+                # slots the next publishes need.
+                stalled = [task_id for _, task_id in self._unconfirmed.values()]
+                stall = TimeoutError(f"no publisher confirm for {waited:.1f} s")
+                self._publisher_failed(pub, stall, abandon=True)
+                for task_id in stalled:
+                    self._finish(task_id, ServiceUnavailable("the broker did not confirm the task", "broker"))
+
+    def _publisher_failed(self, conn: Connection | None, exc: Exception, abandon: bool = False) -> None:
+        """Forgets the publishing connection. `abandon` (a stalled channel; the nodes answer):
+        its socket is closed without AMQP's close handshake, which the stalled channel would hold
+        up, and the next publish connects to the next node at once, without the pause after a
+        failed connection."""
         self._publish_reason = ""
-        self._last_failure = time.monotonic()
+        if not abandon:
+            self._last_failure = time.monotonic()
         self._last_error = f"{type(exc).__name__}: {exc}"
         log.warning("publishing to the broker failed: %s", self._last_error)
         self._producer = None
         self._pub = None
+        # Their fate is unknown: a worker may still answer them; otherwise they time out.
+        self._unconfirmed.clear()
         if conn is not None:
             with contextlib.suppress(Exception):
-                conn.release()
+                conn.collect() if abandon else conn.release()
 
     def _send(self, task: str, args: list[Any], calls: list[_Call], slot: bool, rows: int = 0) -> None:
         try:
@@ -362,6 +451,8 @@ class TaskClient:
             self._publisher_failed(self._pub, exc)
             self._finish(message.id, ServiceUnavailable(f"broker unreachable: {self._last_error}", "broker"))
             return
+        self._published += 1
+        self._unconfirmed[self._published] = (time.monotonic(), message.id)
         if task == TASK_PREDICT:
             self.metrics.batch_rows.labels(task).observe(rows)
 

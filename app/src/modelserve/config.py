@@ -92,6 +92,7 @@ class Settings:
     batch_max_inflight: int
     task_timeout: float
     broker_connect_timeout: float
+    broker_confirm_timeout: float
     ready_timeout: float
     ready_cache_seconds: float
     model_check_interval: float
@@ -250,6 +251,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, require_broker: b
         batch_max_inflight=_int(values, "MODELSERVE_BATCH_MAX_INFLIGHT", 2),
         task_timeout=_float(values, "MODELSERVE_TASK_TIMEOUT", 5.0, minimum=0.1),
         broker_connect_timeout=_float(values, "MODELSERVE_BROKER_CONNECT_TIMEOUT", 2.0, minimum=0.1),
+        broker_confirm_timeout=_float(values, "MODELSERVE_BROKER_CONFIRM_TIMEOUT", 2.0, minimum=0.1),
         ready_timeout=_float(values, "MODELSERVE_READY_TIMEOUT", 1.0, minimum=0.05),
         ready_cache_seconds=_float(values, "MODELSERVE_READY_CACHE_SECONDS", 1.0),
         model_check_interval=_float(values, "MODELSERVE_MODEL_CHECK_INTERVAL", 0.5),
