@@ -30,9 +30,14 @@ def when_ready(server: Any) -> None:
 
 
 def post_fork(server: Any, worker: Any) -> None:
-    """A request process does not keep the master's metrics socket open (no thread serves it here)."""
+    """A request process does not keep the master's metrics socket open (no thread serves it here),
+    and logs through gunicorn's error log: each line with its time and process, at its level."""
     if _metrics_server is not None:
         _metrics_server.socket.close()
+    app_log = logging.getLogger("modelserve")
+    app_log.handlers = list(server.log.error_log.handlers)
+    app_log.setLevel(server.log.error_log.level)
+    app_log.propagate = False
 
 
 def child_exit(server: Any, worker: Any) -> None:
