@@ -3,6 +3,7 @@ over several broker URLs, heartbeats on the web's connections."""
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 
@@ -171,6 +172,39 @@ def test_a_publishing_channel_that_stops_confirming_is_given_up(make_stack, rabb
         codes.append(requests.post(url, json={"row": ROW}, timeout=30).status_code)
     assert codes[-1:] == [200], (codes, stack.logs())
     assert "no publisher confirm for" in stack.logs()
+
+
+def test_a_publishing_channel_that_refuses_a_task_is_given_up(make_stack, rabbitmq):
+    """A task the broker refuses (nack) is answered 503 at once, and the web publishes the next one
+    through a new connection: a channel that asks a cut-off quorum queue leader kept being refused
+    after a new leader was elected (a partition). Here a policy makes the queue refuse every
+    publish (max-length 0, reject-publish: a classic queue refuses at once, a quorum queue only
+    once over its limit), then goes."""
+    stack = make_stack(workers=1, MODELSERVE_TASK_TIMEOUT="20", MODELSERVE_TASK_QUEUE_TYPE="classic")
+    stack.wait_ready(40)
+    url = f"{stack.url}/api/v1/predict"
+    assert requests.post(url, json={"row": ROW}, timeout=30).status_code == 200
+    queue = stack.env["MODELSERVE_TASK_QUEUE"]
+    policy = f"refuse-{queue}"
+    rabbitmq.ctl(
+        "set_policy", "-p", rabbitmq.vhost, "--apply-to", "queues", "--priority", "100",
+        policy, f"^{re.escape(queue)}$", '{"max-length": 0, "overflow": "reject-publish"}',
+    )  # fmt: skip
+    try:
+        deadline, r = time.monotonic() + 20, None
+        while time.monotonic() < deadline and "refused the task" not in stack.logs():
+            started = time.monotonic()
+            r = requests.post(url, json={"row": ROW}, timeout=30)
+            assert r.status_code in (200, 503), r.text  # 200 until the policy reaches the queue
+        assert r is not None and r.status_code == 503, (r and r.text, stack.logs())
+        assert time.monotonic() - started < 10, "answered only after the task timeout"
+        assert "the broker refused 1 task(s)" in stack.logs()  # the connection was given up
+    finally:
+        rabbitmq.ctl("clear_policy", "-p", rabbitmq.vhost, policy)
+    deadline, codes = time.monotonic() + 30, []
+    while time.monotonic() < deadline and codes[-1:] != [200]:
+        codes.append(requests.post(url, json={"row": ROW}, timeout=30).status_code)
+    assert codes[-1:] == [200], (codes, stack.logs())
 
 
 def test_an_unused_classic_queue_of_the_same_name_is_replaced(make_stack, rabbitmq):

@@ -401,6 +401,17 @@ class TaskClient:
         refused, self._refused = self._refused, []
         for task_id in refused:
             self._finish(task_id, ServiceUnavailable("the broker refused the task (nack)", "broker"))
+        if refused:
+            # The task queue has no length limit, so a nack means the queue could not take the
+            # task, and a channel that asks a cut-off quorum leader keeps being refused after a
+            # new leader is elected: the next publish goes through a new connection (next node).
+            # Those still unconfirmed on it are answered 503 too, as after the confirm timeout.
+            unsettled = [task_id for _, task_id in self._unconfirmed.values()]
+            refusal = ConnectionError(f"the broker refused {len(refused)} task(s)")
+            self._publisher_failed(pub, refusal, abandon=True)
+            for task_id in unsettled:
+                self._finish(task_id, ServiceUnavailable("the broker did not confirm the task", "broker"))
+            return
         if self._unconfirmed:
             published, _ = next(iter(self._unconfirmed.values()))
             waited = time.monotonic() - published
