@@ -405,24 +405,22 @@ class TaskClient:
             # The task queue has no length limit, so a nack means the queue could not take the
             # task, and a channel that asks a cut-off quorum leader keeps being refused after a
             # new leader is elected: the next publish goes through a new connection (next node).
-            # Those still unconfirmed on it are answered 503 too, as after the confirm timeout.
-            unsettled = [task_id for _, task_id in self._unconfirmed.values()]
-            refusal = ConnectionError(f"the broker refused {len(refused)} task(s)")
-            self._publisher_failed(pub, refusal, abandon=True)
-            for task_id in unsettled:
-                self._finish(task_id, ServiceUnavailable("the broker did not confirm the task", "broker"))
+            self._give_up_publisher(pub, ConnectionError(f"the broker refused {len(refused)} task(s)"))
             return
         if self._unconfirmed:
             published, _ = next(iter(self._unconfirmed.values()))
             waited = time.monotonic() - published
             if waited > self.settings.broker_confirm_timeout:
-                # Answered 503 now (a worker's late answer is ignored): they hold the in-flight
-                # slots the next publishes need.
-                stalled = [task_id for _, task_id in self._unconfirmed.values()]
-                stall = TimeoutError(f"no publisher confirm for {waited:.1f} s")
-                self._publisher_failed(pub, stall, abandon=True)
-                for task_id in stalled:
-                    self._finish(task_id, ServiceUnavailable("the broker did not confirm the task", "broker"))
+                self._give_up_publisher(pub, TimeoutError(f"no publisher confirm for {waited:.1f} s"))
+
+    def _give_up_publisher(self, pub: Connection, exc: Exception) -> None:
+        """Abandons a publishing connection that stalls or refuses; the tasks still unconfirmed on
+        it are answered 503 now (a worker's late answer is ignored): they hold the in-flight slots
+        the next publishes need."""
+        unsettled = [task_id for _, task_id in self._unconfirmed.values()]
+        self._publisher_failed(pub, exc, abandon=True)
+        for task_id in unsettled:
+            self._finish(task_id, ServiceUnavailable("the broker did not confirm the task", "broker"))
 
     def _publisher_failed(self, conn: Connection | None, exc: Exception, abandon: bool = False) -> None:
         """Forgets the publishing connection. `abandon` (a stalled channel; the nodes answer):
