@@ -44,6 +44,14 @@ def wait_for_message(conn: Connection, queue, timeout: float = 30):
     return None
 
 
+def predictions_flow_again(stack, url: str, timeout: float = 30) -> None:
+    """Asks for a prediction until one is answered 200, for up to `timeout` seconds."""
+    deadline, codes = time.monotonic() + timeout, []
+    while time.monotonic() < deadline and codes[-1:] != [200]:
+        codes.append(requests.post(url, json={"row": ROW}, timeout=30).status_code)
+    assert codes[-1:] == [200], (codes, stack.logs())
+
+
 def test_the_task_queue_is_a_quorum_queue_with_a_dead_letter_queue(make_stack, rabbitmq):
     stack = make_stack(workers=1)
     stack.wait_ready()
@@ -167,10 +175,7 @@ def test_a_publishing_channel_that_stops_confirming_is_given_up(make_stack, rabb
         assert "503 (broker): the broker did not confirm the task" in stack.logs(), r.text
     finally:
         rabbitmq.ctl("set_vm_memory_high_watermark", "0.3")  # the devstack's setting
-    deadline, codes = time.monotonic() + 30, []
-    while time.monotonic() < deadline and codes[-1:] != [200]:
-        codes.append(requests.post(url, json={"row": ROW}, timeout=30).status_code)
-    assert codes[-1:] == [200], (codes, stack.logs())
+    predictions_flow_again(stack, url)
     assert "no publisher confirm for" in stack.logs()
 
 
@@ -201,10 +206,7 @@ def test_a_publishing_channel_that_refuses_a_task_is_given_up(make_stack, rabbit
         assert "the broker refused 1 task(s)" in stack.logs()  # the connection was given up
     finally:
         rabbitmq.ctl("clear_policy", "-p", rabbitmq.vhost, policy)
-    deadline, codes = time.monotonic() + 30, []
-    while time.monotonic() < deadline and codes[-1:] != [200]:
-        codes.append(requests.post(url, json={"row": ROW}, timeout=30).status_code)
-    assert codes[-1:] == [200], (codes, stack.logs())
+    predictions_flow_again(stack, url)
 
 
 def test_an_unused_classic_queue_of_the_same_name_is_replaced(make_stack, rabbitmq):
