@@ -150,7 +150,8 @@ def test_the_detector_disconnects_a_silent_peer_and_only_that_one(tmp_path, free
     with open(out, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, str(SCRIPT), "--node", "rabbit@127.0.0.1", "--cluster-file", str(cluster),
-             "--port", str(free_port), "--interval", "0.2", "--probes", "2", "--rabbitmqctl", str(ctl)],
+             "--port", str(free_port), "--interval", "0.2", "--probes", "2", "--rabbitmqctl", str(ctl),
+             "--erl", ""],  # rabbitmqctl only: there is no Erlang node to talk to
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NOTIFY_SOCKET": ""},
         )  # fmt: skip
     try:
@@ -176,3 +177,70 @@ def test_the_detector_disconnects_a_silent_peer_and_only_that_one(tmp_path, free
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture
+def erlang_nodes(tmp_path):
+    """Two real Erlang nodes, a@ and b@ this host, connected to each other, with their own cookie."""
+    home = tmp_path / "home"
+    home.mkdir()
+    cookie = home / ".erlang.cookie"
+    cookie.write_text(f"detectortest{os.getpid()}")
+    cookie.chmod(0o400)
+    env = {**os.environ, "HOME": str(home)}
+    host = socket.gethostname().split(".")[0]
+    names = [f"detector-test-{n}-{os.getpid()}@{host}" for n in ("a", "b")]
+    nodes = [subprocess.Popen(["erl", "-sname", n, "-noshell", "-noinput"], env=env) for n in names]
+
+    def call(node, expression):
+        """Evaluates an expression on a node, from a throwaway hidden one."""
+        remote = f"rpc:call({node!r}, erlang, apply, [fun() -> {expression} end, []])"
+        code = f'io:format("~0p~n", [{remote}]), halt().'
+        name = f"detector-test-c-{time.monotonic_ns()}@{host}"
+        run = subprocess.run(["erl", "-sname", name, "-hidden", "-noshell", "-eval", code],
+                             env=env, capture_output=True, text=True, timeout=30, check=True)  # fmt: skip
+        return run.stdout.strip()
+
+    try:
+        deadline = time.monotonic() + 30
+        while call(names[0], f"net_adm:ping({names[1]!r})") != "pong":
+            assert time.monotonic() < deadline, "the two test nodes did not connect"
+            time.sleep(0.5)
+        yield names, env, call
+    finally:
+        for node in nodes:
+            node.kill()
+            node.wait()
+
+
+def test_the_helper_node_disconnects_a_peer_the_broker_is_connected_to(erlang_nodes, monkeypatch):
+    (a, b), env, call = erlang_nodes
+    monkeypatch.setenv("HOME", env["HOME"])
+    helper = detector.Helper("erl", a, net_ticktime=60)
+    try:
+        assert helper.ask([]) == "ok []"  # connected, nothing asked
+        assert call(a, "nodes()") == f"['{b}']"
+        started = time.monotonic()
+        assert detector.disconnect(helper, "/nonexistent/rabbitmqctl", [b, "rabbit@elsewhere"])
+        assert time.monotonic() - started < 2  # no VM started for it
+        assert call(a, "nodes()") == "[]"  # the hidden nodes are not listed by nodes()
+        assert helper.ask([b]) == "ok []"  # not connected any more: nothing done
+        # A helper that died is started again at the next request.
+        helper.proc.kill()
+        helper.proc.wait()
+        assert call(a, f"net_adm:ping({b!r})") == "pong"
+        assert helper.ask([b]) == f"ok ['{b}']"
+    finally:
+        helper.stop()
+
+
+def test_without_the_helper_node_rabbitmqctl_eval_disconnects(tmp_path, capsys):
+    calls = tmp_path / "calls"
+    ctl = tmp_path / "rabbitmqctl"  # test double for RabbitMQ's CLI: records what it was asked
+    ctl.write_text(f'#!/bin/sh\necho "$*" >> {calls}\necho "[rabbit@b-3]"\n')
+    ctl.chmod(0o755)
+    helper = detector.Helper(str(tmp_path / "no-erl"), "rabbit@b-1", net_ticktime=60)  # cannot start
+    assert detector.disconnect(helper, str(ctl), [B3])
+    assert calls.read_text().splitlines() == [f"--quiet eval {detector.DISCONNECT.format(nodes=repr(B3))}"]
+    out = capsys.readouterr().out
+    assert "the helper node failed" in out and "disconnected" in out

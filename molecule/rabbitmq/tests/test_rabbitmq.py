@@ -436,6 +436,11 @@ def test_the_partition_detector_runs_and_probes_the_other_two(host):
     peers = [line for line in journal.splitlines() if line.startswith("peers: ")]
     name = host.check_output("hostname -s")
     assert peers and peers[-1] == "peers: " + ", ".join(f"rabbit@{b}" for b in BROKERS if b != name), journal
+    # Its helper node is connected to the broker, ready to disconnect a peer without starting a VM.
+    pid = host.check_output("systemctl show --property MainPID --value rabbitmq-partition-detector")
+    with host.sudo():
+        hidden = host.check_output("rabbitmqctl --quiet eval 'nodes(hidden).'")
+    assert f"rabbitmq-partition-detector-{pid}@{name}" in hidden, (hidden, journal)
 
 
 def test_the_running_net_ticktime_is_the_roles(host):
