@@ -39,7 +39,7 @@ def test_a_peer_silent_for_the_window_is_disconnected_once_while_it_stays_silent
     assert d.check([B2, B3], now=1) == ([], [])
     d.probed(B3, False, 1)  # a probe started at 1 s timed out (at 4 s)
     d.probed(B2, True, 3.5)
-    assert d.check([B2, B3], now=3.9) == ([], [])
+    assert d.check([B2, B3], now=3.8) == ([], [])
     assert d.check([B2, B3], now=4) == ([B3], [])
     assert d.check([B2, B3], now=5) == ([], [])
     # Still silent much later: not disconnected again (by then it may be the heal's reconnection).
@@ -50,6 +50,15 @@ def test_a_peer_silent_for_the_window_is_disconnected_once_while_it_stays_silent
     assert d.check([B2, B3], now=63) == ([], [])
     d.probed(B3, False, 64)  # silent again later: a new partition, disconnected again
     assert d.check([B2, B3], now=67) == ([B3], [])
+
+
+def test_the_tick_a_window_after_the_failed_probes_tick_finds_the_peer_silent():
+    # The loop ticks at 10.0, 11.0, ...; the probe sent at the 11.0 tick started a hair later.
+    d = detector.Detector(window=3, again=30)
+    d.probed(B2, True, 10.0004)
+    d.probed(B2, False, 11.0004)
+    assert d.check([B2], now=13.9) == ([], [])
+    assert d.check([B2], now=14.0) == ([B2], [])
 
 
 def test_a_disconnect_that_failed_is_tried_again_later():
@@ -218,20 +227,56 @@ def test_the_helper_node_disconnects_a_peer_the_broker_is_connected_to(erlang_no
     monkeypatch.setenv("HOME", env["HOME"])
     helper = detector.Helper("erl", a, net_ticktime=60)
     try:
-        assert helper.ask([]) == "ok []"  # connected, nothing asked
+        assert helper.ask("disconnect") == "ok []"  # connected, nothing asked
         assert call(a, "nodes()") == f"['{b}']"
         started = time.monotonic()
         assert detector.disconnect(helper, "/nonexistent/rabbitmqctl", [b, "rabbit@elsewhere"])
         assert time.monotonic() - started < 2  # no VM started for it
         assert call(a, "nodes()") == "[]"  # the hidden nodes are not listed by nodes()
-        assert helper.ask([b]) == "ok []"  # not connected any more: nothing done
+        assert helper.ask("disconnect", b) == "ok []"  # not connected any more: nothing done
         # A helper that died is started again at the next request.
         helper.proc.kill()
         helper.proc.wait()
         assert call(a, f"net_adm:ping({b!r})") == "pong"
-        assert helper.ask([b]) == f"ok ['{b}']"
+        assert helper.ask("disconnect", b) == f"ok ['{b}']"
     finally:
         helper.stop()
+
+
+def test_the_helper_node_reads_globals_sync_tags_and_fakes_nodedown_nodeup_in_the_running_otps_format(
+    erlang_nodes, monkeypatch
+):
+    (a, b), env, call = erlang_nodes
+    monkeypatch.setenv("HOME", env["HOME"])
+    helper = detector.Helper("erl", a, net_ticktime=60)
+    try:
+        assert call(a, "global:sync()") == "ok"  # right after a connection, global syncs a while
+        assert detector.global_tags(helper.ask("global")) == {}  # in step: nothing waited on
+        answer = helper.ask("unblock", b)
+        # Four messages sent through the broker's node, each with the connection id that OTP
+        # 25.1+ (Debian 12 has 25.2) expects; RabbitMQ 3.10.8's own are {nodedown, Node}, ignored.
+        assert answer.startswith("ok ["), answer
+        assert answer.count("connection_id") == 4 and f"{{nodedown,'{b}'," in answer, answer
+        assert call(a, "global:sync()") == "ok"  # global in step again afterwards
+        registered = f"global:register_name(probe, self()), rpc:call({b!r}, global, whereis_name, [probe])"
+        assert call(a, registered).startswith("<"), "a name registered on a is not known on b"
+        assert detector.global_tags(helper.ask("global")) == {}
+    finally:
+        helper.stop()
+
+
+def test_a_peer_global_waits_on_for_the_whole_time_is_unblocked_and_again_only_after_as_long():
+    w = detector.GlobalWatch(stuck_after=30)
+    assert w.seen({}, now=0) == []
+    assert w.seen({B2: "17"}, now=5) == []
+    assert w.seen({B2: "18"}, now=20) == []  # a new tag: global made progress
+    assert w.seen({B2: "18", B3: "4"}, now=49) == []
+    assert w.seen({B2: "18", B3: "4"}, now=50) == [B2]  # the same tag for 30 s
+    assert w.seen({B2: "18", B3: "4"}, now=55) == []  # asked; again only after another 30 s
+    assert w.seen({B3: "4"}, now=79) == [B3]
+    assert w.seen({B2: "18"}, now=80) == []  # B2 came back later: counted from now
+    assert detector.global_tags("ok rabbit@b-2=-576460752303423485") == {B2: "-576460752303423485"}
+    assert detector.global_tags("error nodedown") is None and detector.global_tags(None) is None
 
 
 def test_without_the_helper_node_rabbitmqctl_eval_disconnects(tmp_path, capsys):
