@@ -222,47 +222,47 @@ def erlang_nodes(tmp_path):
             node.wait()
 
 
-def test_the_helper_node_disconnects_a_peer_the_broker_is_connected_to(erlang_nodes, monkeypatch):
-    (a, b), env, call = erlang_nodes
+@pytest.fixture
+def helper(erlang_nodes, monkeypatch):
+    """The detector's helper node, connected to the first test node with the nodes' cookie."""
+    (a, _), env, _ = erlang_nodes
     monkeypatch.setenv("HOME", env["HOME"])
     helper = detector.Helper("erl", a, net_ticktime=60)
-    try:
-        assert helper.ask("disconnect") == "ok []"  # connected, nothing asked
-        assert call(a, "nodes()") == f"['{b}']"
-        started = time.monotonic()
-        assert detector.disconnect(helper, "/nonexistent/rabbitmqctl", [b, "rabbit@elsewhere"])
-        assert time.monotonic() - started < 2  # no VM started for it
-        assert call(a, "nodes()") == "[]"  # the hidden nodes are not listed by nodes()
-        assert helper.ask("disconnect", b) == "ok []"  # not connected any more: nothing done
-        # A helper that died is started again at the next request.
-        helper.proc.kill()
-        helper.proc.wait()
-        assert call(a, f"net_adm:ping({b!r})") == "pong"
-        assert helper.ask("disconnect", b) == f"ok ['{b}']"
-    finally:
-        helper.stop()
+    yield helper
+    helper.stop()
+
+
+def test_the_helper_node_disconnects_a_peer_the_broker_is_connected_to(erlang_nodes, helper):
+    (a, b), _, call = erlang_nodes
+    assert helper.ask("disconnect") == "ok []"  # connected, nothing asked
+    assert call(a, "nodes()") == f"['{b}']"
+    started = time.monotonic()
+    assert detector.disconnect(helper, "/nonexistent/rabbitmqctl", [b, "rabbit@elsewhere"])
+    assert time.monotonic() - started < 2  # no VM started for it
+    assert call(a, "nodes()") == "[]"  # the hidden nodes are not listed by nodes()
+    assert helper.ask("disconnect", b) == "ok []"  # not connected any more: nothing done
+    # A helper that died is started again at the next request.
+    helper.proc.kill()
+    helper.proc.wait()
+    assert call(a, f"net_adm:ping({b!r})") == "pong"
+    assert helper.ask("disconnect", b) == f"ok ['{b}']"
 
 
 def test_the_helper_node_reads_globals_sync_tags_and_fakes_nodedown_nodeup_in_the_running_otps_format(
-    erlang_nodes, monkeypatch
+    erlang_nodes, helper
 ):
-    (a, b), env, call = erlang_nodes
-    monkeypatch.setenv("HOME", env["HOME"])
-    helper = detector.Helper("erl", a, net_ticktime=60)
-    try:
-        assert call(a, "global:sync()") == "ok"  # right after a connection, global syncs a while
-        assert detector.global_tags(helper.ask("global")) == {}  # in step: nothing waited on
-        answer = helper.ask("unblock", b)
-        # Four messages sent through the broker's node, each with the connection id that OTP
-        # 25.1+ (Debian 12 has 25.2) expects; RabbitMQ 3.10.8's own are {nodedown, Node}, ignored.
-        assert answer.startswith("ok ["), answer
-        assert answer.count("connection_id") == 4 and f"{{nodedown,'{b}'," in answer, answer
-        assert call(a, "global:sync()") == "ok"  # global in step again afterwards
-        registered = f"global:register_name(probe, self()), rpc:call({b!r}, global, whereis_name, [probe])"
-        assert call(a, registered).startswith("<"), "a name registered on a is not known on b"
-        assert detector.global_tags(helper.ask("global")) == {}
-    finally:
-        helper.stop()
+    (a, b), _, call = erlang_nodes
+    assert call(a, "global:sync()") == "ok"  # right after a connection, global syncs a while
+    assert detector.global_tags(helper.ask("global")) == {}  # in step: nothing waited on
+    answer = helper.ask("unblock", b)
+    # Four messages sent through the broker's node, each with the connection id that OTP
+    # 25.1+ (Debian 12 has 25.2) expects; RabbitMQ 3.10.8's own are {nodedown, Node}, ignored.
+    assert answer.startswith("ok ["), answer
+    assert answer.count("connection_id") == 4 and f"{{nodedown,'{b}'," in answer, answer
+    assert call(a, "global:sync()") == "ok"  # global in step again afterwards
+    registered = f"global:register_name(probe, self()), rpc:call({b!r}, global, whereis_name, [probe])"
+    assert call(a, registered).startswith("<"), "a name registered on a is not known on b"
+    assert detector.global_tags(helper.ask("global")) == {}
 
 
 def test_a_peer_global_waits_on_for_the_whole_time_is_unblocked_and_again_only_after_as_long():
